@@ -1,0 +1,220 @@
+"""Finding the labelled images of a dataset: class folders, pre-split folders or a CSV manifest.
+
+Every file found is either a usable :class:`Sample` or a :class:`Skipped` entry with its reason;
+nothing is dropped silently and no bad file stops the scan.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError, ImageError
+from .images import ImageInfo, decode, is_image_path
+
+__all__ = ["Sample", "Skipped", "Dataset", "scan", "SPLIT_ALIASES"]
+
+log = logging.getLogger("transferlab")
+
+#: Folder names accepted for each split of a pre-split dataset.
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One usable image: absolute ``path``, class ``label`` and ``split`` (None until split)."""
+
+    path: str
+    label: str
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was not used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """The result of a scan: usable samples, skipped files, class names in order."""
+
+    root: Path
+    samples: list[Sample]
+    skipped: list[Skipped]
+    classes: list[str]
+    layout: str  # "folders", "presplit" or "manifest"
+    infos: dict[str, ImageInfo] = field(default_factory=dict, repr=False)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class and split: ``{label: {split: n}}`` (split ``"all"`` before splitting)."""
+        out: dict[str, dict[str, int]] = {c: {} for c in self.classes}
+        for s in self.samples:
+            key = s.split or "all"
+            out[s.label][key] = out[s.label].get(key, 0) + 1
+        return out
+
+
+def scan(source: str | os.PathLike[str], validate: bool = True, workers: int = 4) -> Dataset:
+    """Scan a dataset and validate every image in it.
+
+    ``source`` is a folder of class folders (``DATA/<class>/<image>``), a pre-split folder
+    (``DATA/{train,val,test}/<class>/<image>``) or a CSV manifest (``path,label[,split]``, paths
+    relative to the manifest). Unreadable files are skipped with a reason.
+
+    Raises:
+        DataError: no such folder, fewer than two classes, or a class with no usable image.
+
+    Example:
+        >>> ds = scan("photos/")  # doctest: +SKIP
+        >>> ds.classes, len(ds.samples), len(ds.skipped)  # doctest: +SKIP
+    """
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise DataError(f"no such file or folder: '{source}'. Give a folder of class folders, "
+                        "a folder with train/val/test folders, or a CSV manifest path,label[,split].")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"'{source}' is a file but not a CSV manifest; expected a folder or a .csv file.")
+        candidates, skipped, layout = _from_manifest(root), [], "manifest"
+        root = root.parent.resolve()
+    else:
+        root = root.resolve()
+        split_dirs = _split_dirs(root)
+        layout = "presplit" if split_dirs else "folders"
+        candidates, skipped = _from_folders(root, split_dirs)
+    class_names = sorted({s.label for s in candidates})
+    if len(class_names) < 2:
+        found = ", ".join(f"'{c}'" for c in class_names) or "none"
+        raise DataError(
+            f"need at least two classes in '{source}', found {len(class_names)} ({found}). "
+            "Put each class's images in its own sub-folder: DATA/<class>/<image>."
+        )
+    samples: list[Sample] = []
+    infos: dict[str, ImageInfo] = {}
+    if validate:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for sample, result in zip(candidates, pool.map(_check, [s.path for s in candidates])):
+                if isinstance(result, ImageError):
+                    skipped.append(Skipped(sample.path, result.reason))
+                else:
+                    samples.append(sample)
+                    infos[sample.path] = result
+    else:
+        samples = list(candidates)
+    usable = {s.label for s in samples}
+    empty = [c for c in class_names if c not in usable]
+    if empty:
+        reasons = [f"{k.path}: {k.reason}" for k in skipped if _label_of(k.path, candidates) in empty][:5]
+        detail = ("; skipped files include: " + "; ".join(reasons)) if reasons else ""
+        raise DataError(f"class(es) with no usable image: {', '.join(repr(c) for c in empty)} in "
+                        f"'{source}'{detail}. Add readable images or remove the folder.")
+    return Dataset(root=root, samples=samples, skipped=skipped, classes=class_names, layout=layout,
+                   infos=infos)
+
+
+def _check(path: str) -> ImageInfo | ImageError:
+    try:
+        return decode(path, draft=64)[1]
+    except ImageError as exc:
+        return exc
+
+
+def _label_of(path: str, candidates: list[Sample]) -> str | None:
+    for s in candidates:
+        if s.path == path:
+            return s.label
+    return None
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for child in _listdir(root):
+        if child.is_dir() and child.name.lower() in SPLIT_ALIASES:
+            found.setdefault(SPLIT_ALIASES[child.name.lower()], child)
+    if "train" in found and ({"val", "test"} & found.keys()):
+        return found
+    return {}
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError:
+        return []
+
+
+def _from_folders(root: Path, split_dirs: dict[str, Path]) -> tuple[list[Sample], list[Skipped]]:
+    samples: list[Sample] = []
+    skipped: list[Skipped] = []
+    parents = split_dirs.items() if split_dirs else [(None, root)]
+    for split, parent in parents:
+        for child in _listdir(parent):
+            if child.is_dir() and not child.name.startswith("."):
+                _walk_class(child, child.name, split, samples, skipped)
+            elif child.is_file():
+                skipped.append(Skipped(str(child), "not inside a class folder"))
+    return samples, skipped
+
+
+def _walk_class(folder: Path, label: str, split: str | None, samples: list[Sample],
+                skipped: list[Skipped]) -> None:
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=None):
+        try:
+            st = os.stat(dirpath)
+            key = (st.st_dev, st.st_ino)
+        except OSError as exc:
+            skipped.append(Skipped(dirpath, f"folder not readable: {exc.strerror}"))
+            dirnames[:] = []
+            continue
+        if key in seen:  # a symlink loop
+            skipped.append(Skipped(dirpath, "symlink loop: folder already visited"))
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name.startswith("."):
+                skipped.append(Skipped(path, "hidden file"))
+            elif not is_image_path(name):
+                skipped.append(Skipped(path, f"not an image file (extension '{Path(name).suffix}')"))
+            else:
+                samples.append(Sample(os.path.abspath(path), label, split))
+
+
+def _from_manifest(manifest: Path) -> list[Sample]:
+    base = manifest.parent.resolve()
+    samples: list[Sample] = []
+    with open(manifest, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise DataError(f"manifest '{manifest}' is empty; expected rows path,label[,split].")
+    header = [c.strip().lower() for c in rows[0]]
+    if header[:2] == ["path", "label"]:
+        rows = rows[1:]
+    for i, row in enumerate(rows, start=2):
+        if not row or not any(c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            raise DataError(f"manifest '{manifest}' line {i}: expected path,label[,split], got {row!r}")
+        path = Path(row[0].strip())
+        if not path.is_absolute():
+            path = base / path
+        split = row[2].strip().lower() if len(row) > 2 and row[2].strip() else None
+        if split is not None and split not in SPLIT_ALIASES:
+            raise DataError(f"manifest '{manifest}' line {i}: unknown split {row[2]!r}; "
+                            "expected train, val or test.")
+        samples.append(Sample(str(path), row[1].strip(), SPLIT_ALIASES[split] if split else None))
+    return samples

@@ -1,0 +1,130 @@
+"""Stratified, seeded train/val/test splits and the ``split.csv`` / ``skipped.csv`` files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import zlib
+from dataclasses import replace
+
+import numpy as np
+
+from .._io import write_text
+from ..errors import ConfigError
+from .scan import Dataset, Sample, Skipped
+
+__all__ = ["SPLITS", "split_dataset", "stratified_split", "write_split_csv", "read_split_csv",
+           "write_skipped_csv"]
+
+log = logging.getLogger("transferlab")
+
+SPLITS = ("train", "val", "test")
+
+
+def stratified_split(samples: list[Sample], val: float = 0.15, test: float = 0.15,
+                     seed: int = 0) -> list[Sample]:
+    """Assign ``train``/``val``/``test`` per class, in the given fractions, reproducibly.
+
+    Each class is shuffled with a generator seeded by ``seed`` and the class name, so adding a class
+    does not reshuffle the others. A class with three or more images gets at least one image in each
+    non-empty split; a class too small to split goes to train (and test when it has two images), with
+    a warning that names it.
+
+    Example:
+        >>> stratified_split(samples, val=0.15, test=0.15, seed=0)  # doctest: +SKIP
+    """
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ConfigError(f"split fractions val={val}, test={test}: each must be in [0, 1) and "
+                          "their sum below 1 (for example --val 0.15 --test 0.15).")
+    by_class: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    out: list[Sample] = []
+    for label in sorted(by_class):
+        items = sorted(by_class[label], key=lambda s: s.path)
+        rng = np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
+        order = rng.permutation(len(items))
+        n = len(items)
+        n_test, n_val = _sizes(n, val, test)
+        if n < 3 and (val > 0 or test > 0):
+            where = "train and test" if n_test else "train only"
+            log.warning("class '%s' has only %d image(s): too small to split into train/val/test, "
+                        "so it goes to %s; add images for a fair evaluation.", label, n, where)
+        for rank, idx in enumerate(order):
+            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            out.append(replace(items[idx], split=split))
+    return out
+
+
+def _sizes(n: int, val: float, test: float) -> tuple[int, int]:
+    if n < 2:
+        return 0, 0
+    if n == 2:
+        return (1 if test > 0 else 0), (1 if test == 0 and val > 0 else 0)
+    n_test = max(1, round(n * test)) if test > 0 else 0
+    n_val = max(1, round(n * val)) if val > 0 else 0
+    while n - n_test - n_val < 1:
+        if n_val >= n_test and n_val > 0:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_test, n_val
+
+
+def split_dataset(dataset: Dataset, val: float = 0.15, test: float = 0.15, seed: int = 0) -> Dataset:
+    """Return ``dataset`` with every sample assigned to a split.
+
+    Splits already given (pre-split folders, a manifest's split column) are kept. Samples with no
+    split are split stratified; when the given splits lack ``val`` or ``test``, that split is carved
+    out of ``train`` with the same fractions.
+    """
+    given = [s for s in dataset.samples if s.split]
+    if not given:
+        return replace(dataset, samples=stratified_split(dataset.samples, val, test, seed))
+    missing = [s for s in dataset.samples if not s.split]
+    if missing:
+        log.warning("%d sample(s) have no split; they are split %.0f/%.0f/%.0f.", len(missing),
+                    100 * (1 - val - test), 100 * val, 100 * test)
+    samples = given + (stratified_split(missing, val, test, seed) if missing else [])
+    present = {s.split for s in samples}
+    carve_val = val if "val" not in present else 0.0
+    carve_test = test if "test" not in present else 0.0
+    if carve_val or carve_test:
+        names = " and ".join(n for n, f in (("val", carve_val), ("test", carve_test)) if f)
+        log.info("no %s split given: taking it from train (stratified, seed %d).", names, seed)
+        train = [s for s in samples if s.split == "train"]
+        rest = [s for s in samples if s.split != "train"]
+        samples = rest + stratified_split([replace(s, split=None) for s in train], carve_val,
+                                          carve_test, seed)
+    order = {name: i for i, name in enumerate(SPLITS)}
+    samples.sort(key=lambda s: (order.get(s.split or "", 9), s.label, s.path))
+    return replace(dataset, samples=samples)
+
+
+def write_split_csv(samples: list[Sample], path: str | os.PathLike[str]) -> None:
+    """Write ``path,label,split`` for every sample (atomically). Read it back with :func:`read_split_csv`
+    or train on it directly: a split.csv is a manifest."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "split"])
+    for s in samples:
+        w.writerow([s.path, s.label, s.split or ""])
+    write_text(path, buf.getvalue())
+
+
+def read_split_csv(path: str | os.PathLike[str]) -> list[Sample]:
+    """Read a ``split.csv`` written by :func:`write_split_csv`."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [Sample(r["path"], r["label"], r["split"] or None) for r in csv.DictReader(f)]
+
+
+def write_skipped_csv(skipped: list[Skipped], path: str | os.PathLike[str]) -> None:
+    """Write ``path,reason`` for every file that was not used (atomically)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "reason"])
+    for k in skipped:
+        w.writerow([k.path, k.reason])
+    write_text(path, buf.getvalue())

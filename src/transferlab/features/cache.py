@@ -1,0 +1,151 @@
+"""The on-disk feature cache: pooled backbone features computed once per image.
+
+A namespace is one (backbone, weights digest, cut stage, preprocessing, view) combination; inside it,
+features are stored in shards of one batch each, keyed by each file's content digest. Every shard is
+written to a temporary name and renamed, so a killed extraction keeps every finished batch, a reader
+never sees half a shard, and two runs can share the cache (at worst both compute the same image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .._io import atomic_path, write_json
+from ..backbones.weights import transferlab_home
+
+__all__ = ["FeatureCache", "CacheNamespace", "NamespaceInfo", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    """``$TRANSFERLAB_HOME/cache``."""
+    return transferlab_home() / "cache"
+
+
+@dataclass
+class NamespaceInfo:
+    """Size of one namespace: its description, number of cached features, bytes on disk."""
+
+    name: str
+    description: dict[str, Any]
+    entries: int
+    bytes: int
+
+
+class CacheNamespace:
+    """The features of one backbone/preprocessing/view combination."""
+
+    def __init__(self, directory: Path, description: dict[str, Any]) -> None:
+        self.dir = directory
+        self.description = description
+        self._index: dict[str, tuple[Path, int]] | None = None
+
+    def _ensure(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "namespace.json"
+        if not meta.exists():
+            write_json(meta, self.description)
+
+    def index(self, refresh: bool = False) -> dict[str, tuple[Path, int]]:
+        """Map of content digest -> (shard file, row), read from shard headers only."""
+        if self._index is not None and not refresh:
+            return self._index
+        index: dict[str, tuple[Path, int]] = {}
+        if self.dir.is_dir():
+            for shard in sorted(self.dir.glob("shard-*.safetensors")):
+                try:
+                    with safe_open(str(shard), framework="pt") as f:
+                        digests = (f.metadata() or {}).get("digests", "")
+                except Exception:
+                    continue  # a foreign or damaged file: ignore it, the features get recomputed
+                for row, d in enumerate(digests.split(",") if digests else []):
+                    index.setdefault(d, (shard, row))
+        self._index = index
+        return index
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self.index()
+
+    def get(self, digests: list[str]) -> dict[str, np.ndarray]:
+        """Features for the digests that are cached (missing ones are absent from the result)."""
+        index = self.index()
+        by_shard: dict[Path, list[tuple[str, int]]] = {}
+        for d in digests:
+            if d in index:
+                shard, row = index[d]
+                by_shard.setdefault(shard, []).append((d, row))
+        out: dict[str, np.ndarray] = {}
+        for shard, items in by_shard.items():
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    feats = f.get_tensor("features").numpy()
+            except Exception:
+                continue
+            for d, row in items:
+                out[d] = feats[row]
+        return out
+
+    def put(self, digests: list[str], features: np.ndarray | torch.Tensor) -> None:
+        """Store one batch of features as a new shard (atomically)."""
+        if not digests:
+            return
+        self._ensure()
+        t = torch.as_tensor(features, dtype=torch.float32).contiguous()
+        shard = self.dir / f"shard-{uuid.uuid4().hex}.safetensors"
+        with atomic_path(shard) as tmp:
+            save_file({"features": t}, str(tmp), metadata={"digests": ",".join(digests)})
+        if self._index is not None:
+            for row, d in enumerate(digests):
+                self._index.setdefault(d, (shard, row))
+
+
+class FeatureCache:
+    """All namespaces under one folder (default ``$TRANSFERLAB_HOME/cache``).
+
+    Example:
+        >>> ns = FeatureCache().namespace({"backbone": "tf_efficientnet_lite0", ...})  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root).expanduser() if root else default_cache_dir()
+
+    def namespace(self, description: dict[str, Any]) -> CacheNamespace:
+        """The namespace for ``description`` (a JSON-able dict that identifies the features)."""
+        key = json.dumps(description, sort_keys=True)
+        name = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return CacheNamespace(self.root / name, description)
+
+    def info(self) -> list[NamespaceInfo]:
+        """Every namespace with its entry count and size."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for d in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            try:
+                desc = json.loads((d / "namespace.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                desc = {}
+            ns = CacheNamespace(d, desc)
+            size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+            out.append(NamespaceInfo(d.name, desc, len(ns.index()), size))
+        return out
+
+    def clear(self) -> int:
+        """Delete every cached feature; returns the bytes freed."""
+        freed = sum(i.bytes for i in self.info())
+        if self.root.is_dir():
+            for d in self.root.iterdir():
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
+        return freed

@@ -1,0 +1,142 @@
+"""Streaming feature extraction through the frozen backbone, backed by the feature cache.
+
+Decoding runs in DataLoader workers, overlapped with the forward pass, which runs in channels_last
+with bf16 autocast where the CPU supports it. Only one batch of pixels is in memory at a time per
+worker, whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .._io import file_digest
+from .._progress import progress_bar
+from ..backbones.models import BackboneInfo, FeatureBackbone, Normalize
+from ..data.loader import ImageFiles, collate_images
+from ..data.transforms import EvalTransform
+from ..runtime import autocast, pick_device, prepare_model, to_device_batch
+from .cache import CacheNamespace, FeatureCache
+
+__all__ = ["Extraction", "FeatureExtractor", "default_workers"]
+
+
+def default_workers() -> int:
+    """Decoding worker processes: one per core this process may use, at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+@dataclass
+class Extraction:
+    """Features for a list of paths; rows whose file failed are zero and ``ok`` is False there."""
+
+    features: np.ndarray
+    ok: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+    computed: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+
+class FeatureExtractor:
+    """Pooled features of images through a frozen backbone, cached on disk.
+
+    Args:
+        backbone: the feature backbone; its weights are not changed.
+        info: what :func:`create_backbone` returned alongside it (names, preprocessing, digest).
+        device: ``cpu``, ``cuda`` or ``auto`` (default).
+        batch_size: images per forward pass. Default 64.
+        workers: decoding processes (default: one per core, at most 4; 0 decodes in-process).
+        mixed_precision: bf16 autocast on capable CPUs, AMP on CUDA. Default True.
+    """
+
+    def __init__(self, backbone: FeatureBackbone, info: BackboneInfo, *, device: str | None = None,
+                 batch_size: int = 64, workers: int | None = None, mixed_precision: bool = True,
+                 quiet: bool = False) -> None:
+        self.info = info
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        self.workers = default_workers() if workers is None else workers
+        self.mixed_precision = mixed_precision
+        self.quiet = quiet
+        pre = info.preprocessing
+        self.net = prepare_model(nn.Sequential(Normalize(pre.mean, pre.std), backbone).eval(), self.device)
+        self.images_forwarded = 0
+
+    def description(self, view: str = "eval") -> dict:
+        """What identifies these features in the cache."""
+        amp = "amp" if self.mixed_precision else "fp32"
+        return {"backbone": self.info.timm_name, "weights": self.info.weights_digest,
+                "cut_stage": self.info.cut_stage, "preprocessing": self.info.preprocessing.key(),
+                "view": view, "precision": amp}
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> np.ndarray:
+        """Features (float32 numpy) of a uint8 NCHW batch."""
+        x = to_device_batch(batch, self.device)
+        with autocast(self.device, self.mixed_precision):
+            f = self.net(x)
+        self.images_forwarded += int(batch.shape[0])
+        return f.float().cpu().numpy()
+
+    def extract(self, paths: Sequence[str], cache: FeatureCache | None = None, *,
+                transform: Callable | None = None, view: str = "eval",
+                description: str = "Extracting features") -> Extraction:
+        """Features for ``paths``; cached ones are read, the others computed and cached per batch."""
+        start = time.perf_counter()
+        n = len(paths)
+        dim = self.info.num_features
+        feats = np.zeros((n, dim), dtype=np.float32)
+        ok = np.zeros(n, dtype=bool)
+        errors: dict[int, str] = {}
+        digests: list[str | None] = []
+        for i, p in enumerate(paths):
+            try:
+                digests.append(file_digest(p))
+            except OSError as exc:
+                digests.append(None)
+                errors[i] = f"cannot read file: {exc.strerror or exc}"
+        ns: CacheNamespace | None = cache.namespace(self.description(view)) if cache is not None else None
+        if ns is not None:
+            found = ns.get([d for d in digests if d])
+            for i, d in enumerate(digests):
+                if d and d in found:
+                    feats[i] = found[d]
+                    ok[i] = True
+        todo = [i for i, d in enumerate(digests) if d and not ok[i]]
+        cached = int(ok.sum())
+        if todo:
+            self._compute(paths, todo, digests, feats, ok, errors, ns, transform, description)
+        return Extraction(feats, ok, errors, computed=len(todo) - sum(1 for i in todo if i in errors),
+                          cached=cached, seconds=time.perf_counter() - start)
+
+    def _compute(self, paths, todo, digests, feats, ok, errors, ns, transform, description) -> None:
+        transform = transform or EvalTransform(self.info.preprocessing)
+        files = ImageFiles([paths[i] for i in todo], transform)
+        workers = self.workers if len(todo) > self.batch_size else 0
+        loader = DataLoader(files, batch_size=self.batch_size, shuffle=False, num_workers=workers,
+                            collate_fn=collate_images, prefetch_factor=4 if workers else None,
+                            persistent_workers=False)
+        with progress_bar(description, len(todo), self.quiet) as bar:
+            for x, idx, _, bad in loader:
+                for j, reason in bad:
+                    errors[todo[j]] = reason
+                if len(idx):
+                    out = self.forward(x)
+                    rows = [todo[j] for j in idx.tolist()]
+                    feats[rows] = out
+                    ok[rows] = True
+                    if ns is not None:
+                        ns.put([digests[r] for r in rows], out)
+                bar.advance(len(idx) + len(bad))

@@ -1,0 +1,81 @@
+"""How tensors run on this machine: device, thread count, bf16 support, memory format, batching.
+
+One place decides the fast path (channels_last + bf16 autocast on CPUs with native bf16, AMP on CUDA)
+so extraction, prediction and training agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator
+
+import torch
+
+__all__ = ["pick_device", "cpu_has_bf16", "autocast", "prepare_model", "set_threads", "to_device_batch"]
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device and device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX); else bf16 would be slower."""
+    if os.environ.get("TRANSFERLAB_NO_BF16"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision context: bf16 on capable CPUs, fp16/bf16 AMP on CUDA, a no-op otherwise."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move to ``device`` in channels_last memory format (faster convolutions on CPU and GPU)."""
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A uint8 NCHW batch on ``device`` in channels_last layout."""
+    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use ``n`` intra-op threads (default: the cores this process may use); returns the count."""
+    if n is None:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:
+            n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def inference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode + inference mode for the duration of the block."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)
