@@ -17,7 +17,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageInfo", "decode", "load_image", "is_image_path"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageInfo", "decode", "load_image", "is_image_path", "to_rgb"]
 
 #: File extensions read as images (compared lower-case).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -69,7 +69,7 @@ def decode(path: str | os.PathLike[str], draft: int | None = None) -> tuple[Imag
                     img.draft("RGB", (draft, draft))
                 img.load()
                 out = _orient(img, info)
-                out = _to_rgb(out, info)
+                out = to_rgb(out, info)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -114,7 +114,9 @@ def _orient(img: Image.Image, info: ImageInfo) -> Image.Image:
     return out if out is not None else img
 
 
-def _to_rgb(img: Image.Image, info: ImageInfo) -> Image.Image:
+def to_rgb(img: Image.Image, info: ImageInfo | None = None) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (16-bit scaled, transparency over white); notes go to ``info``."""
+    info = info if info is not None else ImageInfo()
     mode = img.mode
     if mode == "RGB":
         return img

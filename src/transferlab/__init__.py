@@ -1,0 +1,30 @@
+"""transferlab: a folder of labelled images -> a good image classifier, by transfer learning."""
+
+__version__ = "0.1.0"
+
+from .errors import (ArtifactError, ConfigError, DataError, ExportError, ImageError, TransferlabError,  # noqa: E402
+                     WeightsError)
+
+__all__ = ["__version__", "TransferlabError", "DataError", "ImageError", "WeightsError", "ArtifactError",
+           "ConfigError", "ExportError", "train", "evaluate", "load_model", "TrainConfig", "scan",
+           "create_backbone"]
+
+
+def __getattr__(name: str):  # lazy: `import transferlab` stays fast, torch loads on first use
+    if name in ("train", "evaluate", "TrainConfig"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    if name == "load_model":
+        from .predict import load_model
+
+        return load_model
+    if name == "scan":
+        from .data.scan import scan
+
+        return scan
+    if name == "create_backbone":
+        from .backbones.models import create_backbone
+
+        return create_backbone
+    raise AttributeError(f"module 'transferlab' has no attribute {name!r}")

@@ -1,0 +1,151 @@
+"""The model artifact: a directory with ``model.safetensors`` (weights only) and ``config.json``.
+
+No pickle anywhere: loading a stranger's artifact cannot run code. Loading checks the format version,
+the file digest and every tensor's name and shape, and fails with an :class:`ArtifactError` that says
+what is wrong. Saving writes a new directory beside the old one and swaps it in, so a crash while
+saving leaves the previous model loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ._io import file_digest, write_json
+from .backbones.models import Classifier, build_head, create_backbone
+from .data.transforms import Preprocessing
+from .errors import ArtifactError, TransferlabError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_artifact", "load_artifact", "read_config", "package_versions"]
+
+FORMAT = "transferlab-model"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a model's behaviour."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("transferlab", "torch", "timm", "lightning", "safetensors", "numpy", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def save_artifact(directory: str | os.PathLike[str], model: Classifier, config: dict[str, Any]) -> Path:
+    """Write ``model`` and ``config`` as an artifact at ``directory`` (replacing one that is there).
+
+    ``config`` must hold ``classes``, ``backbone``, ``preprocessing`` and ``head``; the format fields,
+    weights digest and package versions are added here.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION, **config,
+                "weights_sha256": file_digest(tmp / WEIGHTS), "versions": package_versions()}
+        write_json(tmp / CONFIG, full)
+        previous = directory.with_name(directory.name + ".previous")
+        if directory.exists():
+            if previous.exists():
+                shutil.rmtree(previous)
+            os.replace(directory, previous)
+        os.replace(tmp, directory)
+        if previous.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _locate(path: Path) -> Path:
+    if path.is_dir():
+        return path
+    previous = path.with_name(path.name + ".previous")
+    if previous.is_dir():  # a save was interrupted between its two renames
+        return previous
+    if path.is_file() and path.name == CONFIG:
+        return path.parent
+    raise ArtifactError(f"no model at '{path}': expected a directory with {WEIGHTS} and {CONFIG} "
+                        "(the model/ folder of a run directory).")
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check an artifact's ``config.json`` (format and version)."""
+    root = _locate(Path(path))
+    cfg_path = root / CONFIG
+    if not cfg_path.is_file():
+        raise ArtifactError(f"'{root}' has no {CONFIG}; it is not a transferlab model directory.")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read '{cfg_path}': {exc}") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise ArtifactError(f"'{cfg_path}' is not a transferlab model config (format {cfg.get('format') if isinstance(cfg, dict) else None!r}).")
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"model format version {version!r} in '{cfg_path}' is not supported; this "
+                            f"transferlab reads version {FORMAT_VERSION}. Re-export the model or upgrade transferlab.")
+    for key in ("classes", "backbone", "preprocessing", "head"):
+        if key not in cfg:
+            raise ArtifactError(f"'{cfg_path}' lacks the '{key}' entry.")
+    cfg["_dir"] = str(root)
+    return cfg
+
+
+def load_artifact(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the classifier of an artifact (no pretrained weights or training data needed)."""
+    cfg = read_config(path)
+    root = Path(cfg["_dir"])
+    weights = root / WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"'{root}' has no {WEIGHTS}; the model weights are missing.")
+    expected = cfg.get("weights_sha256")
+    if expected and file_digest(weights) != expected:
+        raise ArtifactError(f"'{weights}' does not match the digest in {CONFIG}: the file was changed or damaged.")
+    bb, head_cfg = cfg["backbone"], cfg["head"]
+    pre = Preprocessing.from_dict(cfg["preprocessing"])
+    try:
+        backbone, _ = create_backbone(bb.get("timm_name") or bb["name"], pretrained=False,
+                                      cut_stage=bb.get("cut_stage"), image_size=pre.size)
+        head = build_head(int(head_cfg["in_features"]), len(cfg["classes"]), head_cfg.get("hidden", []),
+                          float(head_cfg.get("dropout", 0.0)))
+    except TransferlabError as exc:
+        raise ArtifactError(f"cannot rebuild the architecture of '{root}': {exc}") from None
+    model = Classifier(backbone, head, pre)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:
+        raise ArtifactError(f"cannot read '{weights}': {exc}") from None
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)}" for k in target
+             if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append("tensor(s) of the wrong shape: " + "; ".join(wrong[:3]))
+        if missing:
+            parts.append(f"missing tensor(s): {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected tensor(s): {', '.join(unexpected[:3])}")
+        raise ArtifactError(f"'{weights}' does not fit the architecture in {CONFIG}: " + "; ".join(parts))
+    model.load_state_dict(state)
+    return model.eval(), cfg

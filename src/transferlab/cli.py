@@ -1,0 +1,265 @@
+"""The command line: argument parsing and printing only; every command calls the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .errors import TransferlabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a folder of labelled images into an image classifier by transfer learning.")
+cache_app = typer.Typer(no_args_is_help=True, help="Show or free the feature cache.")
+app.add_typer(cache_app, name="cache")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _setup_logging(quiet: bool) -> None:
+    log = logging.getLogger("transferlab")
+    log.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _csv_ints(text: Optional[str]) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers such as 1024,1024, got {text!r}") from None
+
+
+@app.command()
+def demo(out_dir: Path = typer.Option(Path("transferlab-demo"), "--out", help="Folder for data/ and run/."),
+         quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Build a real dataset (scikit-learn's digits), train, evaluate, report and predict."""
+    from .demo import run_demo
+
+    _setup_logging(quiet)
+    res = run_demo(out_dir, quiet=quiet or as_json)
+    test = res.metrics.get("test") or {}
+    if as_json:
+        _print_json({"data": str(res.data_dir), "run": str(res.run_dir), "test_accuracy": test.get("accuracy"),
+                     "examples": res.examples})
+        return
+    out.print(f"[bold]Data[/]: {res.data_dir} (scikit-learn digits as PNG class folders)")
+    table = Table("image", "true", "predicted", "probability", title="A few test predictions")
+    for e in res.examples:
+        table.add_row(Path(e["path"]).name, e["true"], str(e["predicted"]), f"{e['probability']:.3f}")
+    out.print(table)
+    _summary(res.run_dir, res.metrics)
+
+
+def _summary(run_dir: Path, metrics: dict[str, Any]) -> None:
+    test = metrics.get("test") or metrics.get("val") or {}
+    timing = metrics.get("timing", {})
+    acc = test.get("accuracy")
+    acc_s = f"{acc:.4f}" if acc is not None else "n/a"
+    out.print(f"[bold green]done[/]: test accuracy {acc_s}, macro-F1 {test.get('macro_f1') or 0:.4f} "
+              f"in {timing.get('total_s', 0):.1f}s -> {run_dir}/ (open {run_dir}/report.html)")
+
+
+@app.command()
+def backbones(offline: bool = typer.Option(False, "--offline", help="Only backbones usable with no network."),
+              as_json: bool = typer.Option(False, "--json")) -> None:
+    """List backbones: parameters, input size, ImageNet top-1, offline availability."""
+    from .backbones.catalog import list_backbones
+
+    rows = list_backbones(offline_only=offline)
+    if as_json:
+        _print_json([r.to_dict() for r in rows])
+        return
+    table = Table("name", "timm model", "params (M)", "input", "ImageNet top-1", "offline", "weights from")
+    for r in rows:
+        table.add_row(r.name, r.timm_name, f"{r.params_m:.2f}", str(r.input_size),
+                      f"{r.imagenet_top1:.2f}" if r.imagenet_top1 else "—", "yes" if r.offline else "no", r.source)
+    out.print(table)
+    out.print("Any timm model name also works as --backbone (weights from the cache, or --allow-download).")
+
+
+@app.command()
+def imagenet(images: list[Path] = typer.Argument(..., help="Image files."),
+             backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+             top_k: int = typer.Option(5, "--top-k", "-k"), weights: Optional[Path] = typer.Option(None, "--weights"),
+             allow_download: bool = typer.Option(False, "--allow-download"),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Classify images with the pretrained network itself (ImageNet labels)."""
+    from .imagenet import classify_imagenet
+
+    results = classify_imagenet([str(p) for p in images], backbone, top_k, weights_file=str(weights) if weights else None,
+                                allow_download=allow_download or None)
+    if as_json:
+        _print_json(results)
+        return
+    for r in results:
+        if r.get("error"):
+            out.print(f"[red]{r['path']}[/]: {r['error']}")
+            continue
+        preds = ", ".join(f"{p['label']} ({p['probability']:.3f})" for p in r["predictions"])
+        out.print(f"[bold]{r['path']}[/]: {preds}")
+
+
+@app.command("train")
+def train_cmd(
+    data: Path = typer.Argument(..., help="Class folders, train/val/test folders, or a CSV manifest."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<date>-<time>)."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+    mode: str = typer.Option("head", "--mode", help="head: train a head on cached features."),
+    head: Optional[str] = typer.Option(None, "--head", help="MLP head widths, e.g. 1024,1024 (default linear)."),
+    dropout: float = typer.Option(0.0, "--dropout"),
+    epochs: int = typer.Option(30, "--epochs"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    patience: int = typer.Option(5, "--patience", help="Early-stopping patience (epochs)."),
+    seed: int = typer.Option(0, "--seed"),
+    val: float = typer.Option(0.15, "--val", help="Validation fraction when not pre-split."),
+    test: float = typer.Option(0.15, "--test", help="Test fraction when not pre-split."),
+    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' to reweight the loss."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    cut_stage: Optional[int] = typer.Option(None, "--cut-stage", help="Keep only the first N backbone stages."),
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init instead of ImageNet weights."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Explicit pretrained weights file."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Allow fetching weights from the hub."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
+    no_cache: bool = typer.Option(False, "--no-cache"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision (bf16 on CPU)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Train a classifier: split, extract/cache features, train, evaluate, save."""
+    from .pipeline import train
+
+    _setup_logging(quiet)
+    res = train(data, out_dir, backbone=backbone, mode=mode, head=_csv_ints(head), dropout=dropout, epochs=epochs,
+                lr=lr, batch_size=batch_size, patience=patience, seed=seed, val=val, test=test,
+                class_weights=class_weights, label_smoothing=label_smoothing, weight_decay=weight_decay,
+                cut_stage=cut_stage, image_size=image_size, pretrained=not no_pretrained,
+                weights=str(weights) if weights else None, allow_download=allow_download or None,
+                cache_dir=str(cache_dir) if cache_dir else None, no_cache=no_cache, workers=workers,
+                device=device, mixed_precision=not no_amp, quiet=quiet or as_json)
+    if as_json:
+        _print_json({"run": str(res.run_dir), "model": str(res.model_dir), "metrics": res.metrics})
+    else:
+        _summary(res.run_dir, res.metrics)
+
+
+@app.command("evaluate")
+def evaluate_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/model)."),
+                 data: Path = typer.Argument(..., help="Labelled folder or manifest."),
+                 out_dir: Path = typer.Option(..., "--out"),
+                 split: Optional[str] = typer.Option(None, "--split", help="Only this split of pre-split data."),
+                 quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Metrics, plots and report for a saved model on a labelled folder."""
+    from .pipeline import evaluate
+
+    _setup_logging(quiet)
+    metrics = evaluate(model, data, out_dir, split=split, quiet=quiet)
+    if as_json:
+        _print_json(metrics)
+    else:
+        _summary(out_dir, metrics)
+
+
+@app.command()
+def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model)."),
+            paths: list[Path] = typer.Argument(..., help="Image files or folders."),
+            top_k: int = typer.Option(3, "--top-k", "-k"),
+            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write .csv or .json."),
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """Predict labels for image files and folders (unreadable files are reported, not fatal)."""
+    from .predict import expand_paths, load_model
+    from .reporting import write_predictions
+
+    predictor = load_model(model)
+    results = predictor.predict(expand_paths(paths), top_k=top_k)
+    if output is not None:
+        write_predictions(results, output)
+    if as_json:
+        _print_json([r.to_dict() for r in results])
+        return
+    table = Table("file", "label", "probability", f"top-{top_k}")
+    for r in results:
+        if r.error:
+            table.add_row(r.source, "[red]error[/]", "", r.error)
+        else:
+            table.add_row(r.source, str(r.label), f"{r.probability:.3f}",
+                          ", ".join(f"{t['label']} {t['probability']:.2f}" for t in r.top_k))
+    out.print(table)
+    n_err = sum(1 for r in results if r.error)
+    if n_err:
+        err.print(f"{n_err} file(s) could not be read (see the error column).")
+
+
+@cache_app.command("info")
+def cache_info(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show what the feature cache holds."""
+    from .features.cache import FeatureCache
+
+    cache = FeatureCache(cache_dir)
+    infos = cache.info()
+    if as_json:
+        _print_json({"root": str(cache.root), "namespaces": [i.__dict__ for i in infos]})
+        return
+    table = Table("namespace", "backbone", "view", "features", "MB", title=f"feature cache: {cache.root}")
+    for i in infos:
+        table.add_row(i.name, str(i.description.get("backbone", "?")), str(i.description.get("view", "")),
+                      str(i.entries), f"{i.bytes / 1e6:.1f}")
+    out.print(table)
+    out.print(f"total {sum(i.bytes for i in infos) / 1e6:.1f} MB")
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir")) -> None:
+    """Delete every cached feature."""
+    from .features.cache import FeatureCache
+
+    freed = FeatureCache(cache_dir).clear()
+    out.print(f"freed {freed / 1e6:.1f} MB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: runs the app; a TransferlabError is printed without a traceback (exit 2)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except TransferlabError as exc:
+        err.print(f"[bold red]error[/]: {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except typer.Abort:
+        return 1
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

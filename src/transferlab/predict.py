@@ -1,0 +1,149 @@
+"""Predictor: a saved artifact -> class probabilities for files, folders, PIL images or arrays."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from .artifacts import load_artifact
+from .backbones.models import Classifier
+from .data.images import is_image_path, to_rgb
+from .data.loader import ImageFiles, collate_images
+from .data.transforms import EvalTransform, Preprocessing
+from .evaluation.metrics import softmax
+from .runtime import autocast, pick_device, prepare_model, to_device_batch
+
+__all__ = ["Predictor", "Prediction", "load_model", "expand_paths"]
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+@dataclass
+class Prediction:
+    """One input's result: top-k ``(label, index, probability)`` or an ``error``."""
+
+    source: str
+    label: str | None = None
+    probability: float | None = None
+    top_k: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: ``{"path", "label", "probability", "predictions": [...], "error"}``."""
+        return {"path": self.source, "label": self.label, "probability": self.probability,
+                "predictions": self.top_k, "error": self.error}
+
+
+def expand_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Files as given; folders walked recursively (sorted). Non-image files inside folders are kept so
+    that they are reported, not silently ignored; hidden files are left out."""
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+        else:
+            out.append(str(p))
+    return out
+
+
+class Predictor:
+    """Runs a :class:`Classifier` the same way evaluation does: features in channels_last under bf16
+    autocast where supported, the head in fp32, softmax with the stored temperature.
+
+    Example:
+        >>> model = load_model("runs/demo/model")  # doctest: +SKIP
+        >>> model.predict(["cat.jpg"], top_k=3)[0].label  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Classifier, config: dict[str, Any], device: str | None = None,
+                 mixed_precision: bool = True, batch_size: int = 32, workers: int = 0) -> None:
+        self.config = config
+        self.classes: list[str] = list(config["classes"])
+        self.preprocessing = Preprocessing.from_dict(config["preprocessing"])
+        self.temperature = float((config.get("calibration") or {}).get("temperature", 1.0))
+        self.device = pick_device(device)
+        self.mixed_precision = mixed_precision
+        self.batch_size, self.workers = batch_size, workers
+        self.model = prepare_model(model.eval(), self.device)
+        self.transform = EvalTransform(self.preprocessing)
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor) -> np.ndarray:
+        """Logits (float32) of a uint8 NCHW batch."""
+        x = to_device_batch(batch, self.device)
+        with autocast(self.device, self.mixed_precision):
+            feats = self.model.features(x)
+        return self.model.head(feats.float()).float().cpu().numpy()
+
+    def predict_proba(self, inputs: Sequence[ImageInput], calibrated: bool = True) -> tuple[np.ndarray, list[str | None]]:
+        """Probabilities ``(n, classes)`` and one error message (or None) per input; failed rows are NaN."""
+        probs = np.full((len(inputs), len(self.classes)), np.nan)
+        errors: list[str | None] = [None] * len(inputs)
+        temperature = self.temperature if calibrated else 1.0
+        path_idx = [i for i, x in enumerate(inputs) if isinstance(x, (str, os.PathLike))]
+        mem_idx = [i for i in range(len(inputs)) if i not in set(path_idx)]
+        for i in path_idx:
+            if not is_image_path(inputs[i]) and os.path.isfile(inputs[i]):
+                errors[i] = f"not an image file (extension '{Path(inputs[i]).suffix}')"
+        todo = [i for i in path_idx if errors[i] is None]
+        if todo:
+            files = ImageFiles([str(inputs[i]) for i in todo], self.transform)
+            workers = self.workers if len(todo) > self.batch_size else 0
+            loader = DataLoader(files, batch_size=self.batch_size, num_workers=workers, collate_fn=collate_images)
+            for x, idx, _, bad in loader:
+                for j, reason in bad:
+                    errors[todo[j]] = reason
+                if len(idx):
+                    rows = [todo[j] for j in idx.tolist()]
+                    probs[rows] = softmax(self.logits(x), temperature)
+        if mem_idx:
+            tensors = []
+            for i in mem_idx:
+                img = inputs[i]
+                if isinstance(img, np.ndarray):
+                    img = Image.fromarray(img)
+                tensors.append(self.transform(to_rgb(img)))
+            for s in range(0, len(tensors), self.batch_size):
+                rows = mem_idx[s:s + self.batch_size]
+                probs[rows] = softmax(self.logits(torch.stack(tensors[s:s + self.batch_size])), temperature)
+        return probs, errors
+
+    def predict(self, inputs: Sequence[ImageInput], top_k: int = 5, threshold: float | None = None,
+                calibrated: bool = True) -> list[Prediction]:
+        """Top-k predictions per input; with ``threshold``, a top probability below it is labelled
+        ``unknown`` (the top-k list is kept)."""
+        probs, errors = self.predict_proba(inputs, calibrated=calibrated)
+        k = max(1, min(top_k, len(self.classes)))
+        out = []
+        for i, x in enumerate(inputs):
+            src = str(x) if isinstance(x, (str, os.PathLike)) else f"<image {i}>"
+            if errors[i] is not None:
+                out.append(Prediction(src, error=errors[i]))
+                continue
+            order = np.argsort(-probs[i])[:k]
+            top = [{"label": self.classes[j], "index": int(j), "probability": float(probs[i, j])} for j in order]
+            label = top[0]["label"]
+            if threshold is not None and top[0]["probability"] < threshold:
+                label = "unknown"
+            out.append(Prediction(src, label, top[0]["probability"], top))
+        return out
+
+
+def load_model(path: str | os.PathLike[str], device: str | None = None, mixed_precision: bool = True) -> Predictor:
+    """Load an artifact directory as a :class:`Predictor`.
+
+    Raises:
+        ArtifactError: missing files, unknown format version, or tensors that do not fit.
+    """
+    model, cfg = load_artifact(path)
+    return Predictor(model, cfg, device=device, mixed_precision=mixed_precision)

@@ -1,0 +1,106 @@
+"""Callbacks with state: epoch history, best weights in memory, and stage unfreezing."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from .._io import write_text
+
+__all__ = ["History", "BestWeights", "HISTORY_FIELDS"]
+
+HISTORY_FIELDS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+class History(L.Callback):
+    """Collects one row per epoch (losses, accuracies, learning rate) and writes ``history.csv``.
+
+    ``phase`` names the training stage (``head`` or ``finetune``) so one file holds a whole run.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, phase: str = "head",
+                 rows: list[dict[str, Any]] | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.phase = phase
+        self.rows: list[dict[str, Any]] = rows if rows is not None else []
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        m = trainer.callback_metrics
+        row: dict[str, Any] = {"epoch": len([r for r in self.rows if r["phase"] == self.phase]) + 1,
+                               "phase": self.phase}
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            row[key] = float(m[key]) if key in m else math.nan
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        row["lr"] = float(opt.param_groups[-1]["lr"]) if opt else math.nan
+        row["seconds"] = round(time.perf_counter() - self._t0, 3)
+        if trainer.is_global_zero:
+            self.rows.append(row)
+            self.write()
+
+    def write(self) -> None:
+        """Write the rows collected so far (atomically)."""
+        if self.path is None:
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(HISTORY_FIELDS), lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: r.get(k, "") for k in HISTORY_FIELDS})
+        write_text(self.path, buf.getvalue())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows[:] = list(state_dict.get("rows", []))
+
+
+class BestWeights(L.Callback):
+    """Keeps a copy of the module's weights at the best ``monitor`` value; restores them at the end."""
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min") -> None:
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+        self.best_epoch: int = -1
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def _better(self, value: float) -> bool:
+        if self.best is None or math.isnan(self.best):
+            return not math.isnan(value)
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        if self._better(value):
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.state_dict().items()})
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.state is not None:
+            pl_module.load_state_dict(self.state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "state": self.state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+        self.best_epoch = state_dict.get("best_epoch", -1)
+        self.state = state_dict.get("state")

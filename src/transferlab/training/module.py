@@ -1,0 +1,87 @@
+"""The Lightning module: model code only (steps, loss, optimiser, schedule); engineering lives in the
+Trainer and callbacks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["ClassifierModule", "cosine_with_warmup"]
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, floor: float = 0.01):
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``floor``."""
+    total_steps = max(1, total_steps)
+    warmup_steps = min(max(0, warmup_steps), total_steps - 1) if total_steps > 1 else 0
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy training of ``model`` (a head on features, or a whole classifier).
+
+    Args:
+        model: maps a batch to logits.
+        param_groups: optimiser groups ``[{"params": [...], "lr": ...}]``; default one group at ``lr``.
+        lr: base learning rate. weight_decay: AdamW decay. label_smoothing: cross-entropy smoothing.
+        class_weights: per-class loss weights (``None``: unweighted).
+        warmup_epochs: epochs of linear warm-up before the cosine decay.
+        input_transform: applied to inputs on the device before ``model`` (e.g. channels_last).
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
+                 warmup_epochs: float = 0.0, param_groups: list[dict[str, Any]] | None = None,
+                 input_transform: Any = None) -> None:
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
+        self.warmup_epochs = warmup_epochs
+        self.param_groups = param_groups
+        self.input_transform = input_transform
+        w = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", w, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        return self.model(x)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch[0], batch[-1]
+        logits = self(x).float()
+        loss = F.cross_entropy(logits, y, weight=self.class_weights,
+                               label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+        acc = (logits.argmax(1) == y).float().mean()
+        n = y.shape[0]
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
+                 prog_bar=stage == "val")
+        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
+                 prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        groups = self.param_groups or [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        warmup = int(round(self.warmup_epochs * total / epochs))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

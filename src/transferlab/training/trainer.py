@@ -1,0 +1,46 @@
+"""Building the Lightning Trainer (engineering: loggers, callbacks, precision, devices)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+__all__ = ["make_trainer", "quiet_lightning"]
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's start-up banners and tips (warnings still show)."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*_is_dynamo_compiling.*")
+
+
+def make_trainer(log_dir: str | os.PathLike[str] | None, *, max_epochs: int, callbacks: list[Any],
+                 quiet: bool = False, version: str = "head", accelerator: str = "auto",
+                 devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
+                 precision: str | None = None, max_time: str | None = None,
+                 gradient_clip_val: float | None = None, checkpoint: bool = False,
+                 deterministic: bool = True) -> L.Trainer:
+    """A Trainer with TensorBoard logs under ``log_dir`` (``None``: no loggers)."""
+    quiet_lightning()
+    loggers: list[Any] | bool = False
+    if log_dir is not None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers = [TensorBoardLogger(str(Path(log_dir)), name="tensorboard", version=version,
+                                     default_hp_metric=False)]
+    return L.Trainer(
+        max_epochs=max_epochs, callbacks=callbacks, logger=loggers, enable_checkpointing=checkpoint,
+        enable_progress_bar=not quiet, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
+        precision=precision, max_time=max_time, gradient_clip_val=gradient_clip_val,
+        deterministic=deterministic, log_every_n_steps=1, use_distributed_sampler=True,
+    )
