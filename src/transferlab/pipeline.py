@@ -56,11 +56,11 @@ class TrainConfig:
     image_size: int | None = None
     head: tuple[int, ...] = ()
     dropout: float = 0.0
-    epochs: int = 30
+    epochs: int = 100
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 64
-    patience: int = 5
+    patience: int = 10
     label_smoothing: float = 0.0
     class_weights: str | None = None
     seed: int = 0

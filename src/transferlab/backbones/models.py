@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from .registry import SIMPLE_CNN, BackboneSpec, resolve_name
 from .weights import load_state_dict, state_digest
 
-__all__ = ["Normalize", "FeatureBackbone", "SimpleCNN", "Classifier", "BackboneInfo", "build_head",
+__all__ = ["Normalize", "Standardize", "FeatureBackbone", "SimpleCNN", "Classifier", "BackboneInfo", "build_head",
            "create_backbone", "create_imagenet_model", "stage_count"]
 
 
@@ -88,13 +88,39 @@ def stage_count(model: nn.Module) -> int:
     return len(info) if info else 1
 
 
-def build_head(in_features: int, num_classes: int, hidden: Sequence[int] = (), dropout: float = 0.0) -> nn.Sequential:
-    """A linear head, or an MLP with ``hidden`` widths (ReLU, dropout after each hidden layer).
+class Standardize(nn.Module):
+    """Fixed per-feature standardisation ``(x - mean) / std`` with statistics of the training features.
+
+    Backbones' pooled features differ in scale by orders of magnitude (VGG's ReLU outputs against
+    EfficientNet's); standardising them lets one learning rate suit every backbone, as a
+    ``StandardScaler`` before a logistic regression does. The statistics are saved with the model.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+
+    def set_stats(self, features: torch.Tensor) -> None:
+        """Set mean and std (floored at 1e-6 of the largest std) from a (n, d) feature matrix."""
+        f = features.float()
+        self.mean.copy_(f.mean(0))
+        std = f.std(0) if f.shape[0] > 1 else torch.ones_like(self.std)
+        self.std.copy_(std.clamp_min(float(std.max()) * 1e-6 + 1e-12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def build_head(in_features: int, num_classes: int, hidden: Sequence[int] = (), dropout: float = 0.0,
+               standardize: bool = True) -> nn.Sequential:
+    """A linear head, or an MLP with ``hidden`` widths (ReLU, dropout after each hidden layer), after a
+    fixed :class:`Standardize` layer (default on).
 
     Example:
         >>> build_head(1280, 10, hidden=(1024, 1024), dropout=0.5)  # doctest: +SKIP
     """
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [Standardize(in_features)] if standardize else []
     cin = in_features
     for width in hidden:
         layers += [nn.Linear(cin, int(width)), nn.ReLU(inplace=True)]

@@ -28,7 +28,7 @@ SPLIT_ALIASES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Sample:
     """One usable image: absolute ``path``, class ``label`` and ``split`` (None until split)."""
 

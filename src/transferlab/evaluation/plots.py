@@ -47,7 +47,8 @@ def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
         ax.set_xlabel("epoch")
         ax.set_title("loss" if metric == "loss" else "accuracy")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
     if not history:
         for ax in axes:
             ax.text(0.5, 0.5, "no training history", ha="center", va="center", transform=ax.transAxes)

@@ -32,11 +32,11 @@ class HeadConfig:
 
     hidden: Sequence[int] = ()
     dropout: float = 0.0
-    epochs: int = 30
+    epochs: int = 100
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 64
-    patience: int = 5
+    patience: int = 10
     label_smoothing: float = 0.0
     class_weights: Sequence[float] | None = None
     balance_sampler: bool = False
@@ -83,6 +83,7 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     head = build_head(train_x.shape[1], num_classes, cfg.hidden, cfg.dropout)
+    head[0].set_stats(torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32)))
     module = ClassifierModule(head, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               label_smoothing=cfg.label_smoothing, class_weights=cfg.class_weights,
                               warmup_epochs=cfg.warmup_epochs)

@@ -1,0 +1,76 @@
+"""Shared fixtures: real pictures from scikit-image and scikit-learn, written into tmp folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """Every test uses a private TRANSFERLAB_HOME (weights cache, feature cache); never the network."""
+    home = tmp_path_factory.mktemp("tlhome")
+    old = {k: os.environ.get(k) for k in ("TRANSFERLAB_HOME", "TRANSFERLAB_ALLOW_DOWNLOAD", "HF_HUB_OFFLINE")}
+    os.environ["TRANSFERLAB_HOME"] = str(home)
+    os.environ.pop("TRANSFERLAB_ALLOW_DOWNLOAD", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def sample_photo(name: str) -> np.ndarray:
+    """An RGB sample photograph shipped with scikit-image (coffee, chelsea, astronaut, rocket...)."""
+    import skimage.data
+
+    img = getattr(skimage.data, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return img[..., :3]
+
+
+def photo_crops(name: str, n: int, size: int = 96, seed: int = 0) -> list[Image.Image]:
+    """``n`` random crops of a sample photo, resized to ``size`` (distinct real pictures of one subject)."""
+    rng = np.random.default_rng(seed)
+    img = sample_photo(name)
+    h, w = img.shape[:2]
+    out = []
+    for _ in range(n):
+        ch, cw = int(h * rng.uniform(0.6, 0.95)), int(w * rng.uniform(0.6, 0.95))
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        out.append(Image.fromarray(img[y:y + ch, x:x + cw]).resize((size, size)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory) -> Path:
+    """Two classes of real photos (cat crops, coffee crops), 12 JPEGs each."""
+    root = tmp_path_factory.mktemp("photos")
+    for label, name in (("cat", "chelsea"), ("coffee", "coffee")):
+        (root / label).mkdir()
+        for i, im in enumerate(photo_crops(name, 12, seed=1)):
+            im.save(root / label / f"{label}_{i:02d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's digits as PNG class folders, 20 per class (200 images)."""
+    from transferlab.demo import build_digits_dataset
+
+    return build_digits_dataset(tmp_path_factory.mktemp("digits"), per_class=20)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, digits_dir):
+    """One head-mode run on the small digits set, shared by artifact and prediction tests."""
+    from transferlab.pipeline import train
+
+    return train(digits_dir, tmp_path_factory.mktemp("run") / "run", quiet=True)

@@ -1,0 +1,202 @@
+"""The whole head-mode pipeline: cache, run directory, metrics, artifact and prediction."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from transferlab.artifacts import load_artifact
+from transferlab.errors import ArtifactError
+from transferlab.features import FeatureCache, FeatureExtractor
+from transferlab.pipeline import evaluate, train
+from transferlab.predict import load_model
+
+from .conftest import photo_crops
+
+RUN_FILES = ["split.csv", "skipped.csv", "metrics.json", "report.html", "curves.png", "confusion_matrix.png",
+             "predictions.csv", "logs/history.csv", "model/model.safetensors", "model/config.json"]
+
+
+def test_run_directory_and_metrics_keys(trained_run):
+    run = trained_run.run_dir
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    m = json.loads((run / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for key in ("accuracy", "macro_f1", "top_k_accuracy", "per_class", "confusion_matrix", "labels"):
+            assert key in m[split]
+        assert set(m[split]["per_class"]["3"]) == {"precision", "recall", "f1", "support"}
+    assert set(m["timing"]) >= {"extract_s", "train_s", "total_s"}
+    assert m["backbone"] == "efficientnet_lite0"
+    assert sum(m["n_images"].values()) == 200
+    assert m["test"]["accuracy"] > 0.5  # 10 digit classes from 14 training images each: far above chance
+    html = (run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    hist = list(csv.DictReader(open(run / "logs" / "history.csv")))
+    assert len(hist) >= 2 and float(hist[-1]["train_loss"]) < float(hist[0]["train_loss"])
+
+
+def test_second_run_hits_cache_without_forward(digits_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = train(digits_dir, tmp_path / "r1", quiet=True, cache_dir=str(cache), epochs=3)
+    calls = []
+    original = FeatureExtractor.forward
+    monkeypatch.setattr(FeatureExtractor, "forward", lambda self, b: calls.append(len(b)) or original(self, b))
+    second = train(digits_dir, tmp_path / "r2", quiet=True, cache_dir=str(cache), epochs=3)
+    assert calls == []
+    t1, t2 = first.metrics["timing"], second.metrics["timing"]
+    assert t2["features_computed"] == 0 and t2["features_cached"] == 200
+    assert t2["extract_s"] * 20 <= t1["extract_s"]
+
+
+def test_changed_file_is_recomputed_and_partial_extraction_resumes(digits_dir, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    cache = FeatureCache(tmp_path / "cache")
+    from transferlab.backbones import create_backbone
+
+    bb, info = create_backbone("efficientnet_lite0")
+    ex = FeatureExtractor(bb, info, batch_size=16, workers=0, quiet=True)
+    paths = sorted(str(p) for p in data.rglob("*.png"))
+    original = FeatureExtractor.forward
+    state = {"n": 0}
+
+    def dying(self, batch):
+        state["n"] += 1
+        if state["n"] == 4:
+            raise KeyboardInterrupt("killed half way")
+        return original(self, batch)
+
+    monkeypatch.setattr(FeatureExtractor, "forward", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ex.extract(paths, cache)
+    monkeypatch.setattr(FeatureExtractor, "forward", original)
+    resumed = ex.extract(paths, cache)
+    assert resumed.cached == 48 and resumed.computed == len(paths) - 48
+    photo_crops("coffee", 1)[0].resize((64, 64)).save(paths[0])  # change one file's content
+    again = ex.extract(paths, cache)
+    assert again.computed == 1 and again.cached == len(paths) - 1
+    assert cache.info()[0].entries == len(paths) + 1
+
+
+def test_same_seed_same_metrics(digits_dir, tmp_path):
+    a = train(digits_dir, tmp_path / "a", quiet=True, epochs=5, seed=7)
+    b = train(digits_dir, tmp_path / "b", quiet=True, epochs=5, seed=7)
+    assert (tmp_path / "a" / "split.csv").read_text() == (tmp_path / "b" / "split.csv").read_text()
+    assert a.metrics["test"]["accuracy"] == b.metrics["test"]["accuracy"]
+    assert a.metrics["val"]["confusion_matrix"] == b.metrics["val"]["confusion_matrix"]
+
+
+def test_fresh_process_prediction_matches_evaluation(trained_run):
+    run = trained_run.run_dir
+    rows = list(csv.DictReader(open(run / "predictions.csv")))
+    code = ("import json,sys; from transferlab import load_model; m=load_model(sys.argv[1]);"
+            "p,_=m.predict_proba(sys.argv[2:]); print(json.dumps(p.tolist()))")
+    out = subprocess.run([sys.executable, "-c", code, str(run / "model"), *[r["path"] for r in rows]],
+                         capture_output=True, text=True, check=True)
+    probs = np.array(json.loads(out.stdout))
+    labels = json.loads((run / "model" / "config.json").read_text())["classes"]
+    expected = np.array([[float(r[f"p_{c}"]) for c in labels] for r in rows])
+    assert np.abs(probs - expected).max() < 1e-5
+
+
+def test_predict_cli_reports_unreadable_files(trained_run, tmp_path, capsys):
+    from transferlab.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = list(csv.DictReader(open(trained_run.run_dir / "predictions.csv")))
+    shutil.copy(rows[0]["path"], folder / "good.png")
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "readme.txt").write_text("hello")
+    assert main(["predict", str(trained_run.model_dir), str(folder), "--json", "--top-k", "2",
+                 "--output", str(tmp_path / "p.csv")]) == 0
+    res = {r["path"].split("/")[-1]: r for r in json.loads(capsys.readouterr().out)}
+    assert res["good.png"]["label"] == rows[0]["predicted_label"] and len(res["good.png"]["predictions"]) == 2
+    assert "not an image" in res["bad.jpg"]["error"] and "not an image" in res["readme.txt"]["error"]
+    assert len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 3
+
+
+def test_artifact_errors_are_clear(trained_run, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(trained_run.model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["format_version"] = 99
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        load_artifact(model)
+    cfg["format_version"] = 1
+    cfg["head"]["in_features"] = 7
+    cfg.pop("weights_sha256")
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="wrong shape"):
+        load_artifact(model)
+    (model / "model.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load_artifact(model)
+    with pytest.raises(ArtifactError, match="no model"):
+        load_model(tmp_path / "nothing")
+
+
+def test_presplit_layout_is_used_exactly(tmp_path):
+    from transferlab.demo import build_digits_dataset
+
+    src = build_digits_dataset(tmp_path / "src", per_class=10)
+    root = tmp_path / "data"
+    for label_dir in sorted(src.iterdir()):
+        files = sorted(label_dir.iterdir())
+        for split, chunk in (("train", files[:6]), ("val", files[6:8]), ("test", files[8:])):
+            (root / split / label_dir.name).mkdir(parents=True)
+            for f in chunk:
+                shutil.copy(f, root / split / label_dir.name / f.name)
+    res = train(root, tmp_path / "run", quiet=True, epochs=3)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "split.csv")))
+    assert len(rows) == 100
+    for r in rows:
+        assert f"/{r['split']}/{r['label']}/" in r["path"]
+    assert res.metrics["n_images"] == {"train": 60, "val": 20, "test": 20}
+
+
+def test_evaluate_command_writes_outputs(trained_run, digits_dir, tmp_path):
+    m = evaluate(trained_run.model_dir, digits_dir, tmp_path / "ev", quiet=True)
+    assert m["test"]["n"] == 200
+    for name in ("metrics.json", "report.html", "predictions.csv", "confusion_matrix.png"):
+        assert (tmp_path / "ev" / name).is_file()
+
+
+def test_mlp_head_and_class_weights(digits_dir, tmp_path):
+    res = train(digits_dir, tmp_path / "mlp", quiet=True, epochs=3, head=(64, 32), dropout=0.2,
+                class_weights="balanced")
+    cfg = json.loads((res.model_dir / "config.json").read_text())
+    assert cfg["head"]["hidden"] == [64, 32]
+    assert load_model(res.model_dir).predict_proba([res.run_dir / "split.csv"])[1][0] is not None
+
+
+def test_cache_cli_info_and_clear(tmp_path, digits_dir, capsys):
+    from transferlab.cli import main
+
+    train(digits_dir, tmp_path / "r", quiet=True, epochs=2, cache_dir=str(tmp_path / "c"))
+    assert main(["cache", "info", "--cache-dir", str(tmp_path / "c"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["namespaces"][0]["entries"] == 200
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert FeatureCache(tmp_path / "c").info() == []
+
+
+def test_demo_dataset_is_real_digits(tmp_path):
+    from PIL import Image
+
+    from transferlab.demo import build_digits_dataset
+
+    d = build_digits_dataset(tmp_path / "d", per_class=3)
+    assert sorted(p.name for p in d.iterdir()) == [str(i) for i in range(10)]
+    files = sorted(d.rglob("*.png"))
+    assert len(files) == 30
+    img = np.asarray(Image.open(files[0]))
+    assert img.shape == (64, 64) and img.min() < 100 and img.max() > 200  # dark strokes on light paper
