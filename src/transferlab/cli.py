@@ -114,24 +114,51 @@ def imagenet(images: list[Path] = typer.Argument(..., help="Image files."),
         out.print(f"[bold]{r['path']}[/]: {preds}")
 
 
+def parse_duration(text: Optional[str]) -> Optional[float]:
+    """'15m', '90s', '1h30m', '2h' or plain seconds -> seconds."""
+    if text is None:
+        return None
+    import re
+
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", t)
+    if not parts or "".join(n + u for n, u in parts) != t.replace(" ", ""):
+        raise typer.BadParameter(f"expected a duration such as 15m, 90s or 1h30m, got {text!r}")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
 @app.command("train")
 def train_cmd(
-    data: Path = typer.Argument(..., help="Class folders, train/val/test folders, or a CSV manifest."),
+    data: Optional[Path] = typer.Argument(None, help="Class folders, train/val/test folders, or a CSV manifest."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<date>-<time>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
-    mode: str = typer.Option("head", "--mode", help="head: train a head on cached features."),
+    mode: str = typer.Option("auto", "--mode", help="head (cached features), finetune (end to end) or auto (head, then fine-tune)."),
     head: Optional[str] = typer.Option(None, "--head", help="MLP head widths, e.g. 1024,1024 (default linear)."),
     dropout: float = typer.Option(0.0, "--dropout"),
-    epochs: int = typer.Option(100, "--epochs", help="At most; early stopping ends sooner."),
-    lr: float = typer.Option(1e-3, "--lr"),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    patience: int = typer.Option(10, "--patience", help="Early-stopping patience (epochs)."),
+    epochs: int = typer.Option(100, "--epochs", help="Head phase: at most; early stopping ends sooner."),
+    lr: float = typer.Option(1e-3, "--lr", help="Head phase learning rate."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Head phase and extraction batch size."),
+    patience: int = typer.Option(10, "--patience", help="Head phase early-stopping patience (epochs)."),
+    ft_epochs: int = typer.Option(8, "--ft-epochs", help="Fine-tuning epochs at most."),
+    ft_lr: float = typer.Option(1e-4, "--ft-lr", help="Fine-tuning rate of the head; the backbone gets lr/2 .. lr/200."),
+    ft_batch_size: int = typer.Option(32, "--ft-batch-size"),
+    ft_patience: int = typer.Option(3, "--ft-patience"),
+    freeze_epochs: int = typer.Option(1, "--freeze-epochs", help="Frozen-backbone epochs when fine-tuning without a head phase."),
+    unfreeze: str = typer.Option("all", "--unfreeze", help="'all' or the number of top stages to train."),
+    augment: str = typer.Option("light", "--augment", help="none, light or strong (fine-tuning)."),
+    aug_views: int = typer.Option(0, "--aug-views", help="Head mode: cache K augmented views per training image."),
+    balance: str = typer.Option("none", "--balance", help="none, weights or sampler (class imbalance)."),
+    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (same as --balance weights)."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Head phase; fine-tuning uses 0.1."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient norm clip in fine-tuning (0: off)."),
+    time_limit: Optional[str] = typer.Option(None, "--time-limit", help="e.g. 15m: stop in time, best model saved."),
     seed: int = typer.Option(0, "--seed"),
     val: float = typer.Option(0.15, "--val", help="Validation fraction when not pre-split."),
     test: float = typer.Option(0.15, "--test", help="Test fraction when not pre-split."),
-    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' to reweight the loss."),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     cut_stage: Optional[int] = typer.Option(None, "--cut-stage", help="Keep only the first N backbone stages."),
     image_size: Optional[int] = typer.Option(None, "--image-size"),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init instead of ImageNet weights."),
@@ -140,25 +167,44 @@ def train_cmd(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
     no_cache: bool = typer.Option(False, "--no-cache"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision (bf16 on CPU)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (inference)."),
+    accelerator: str = typer.Option("auto", "--accelerator", help="Lightning accelerator for fine-tuning."),
+    devices: int = typer.Option(1, "--devices", help="Devices (or CPU processes) for fine-tuning."),
+    strategy: str = typer.Option("auto", "--strategy", help="Lightning strategy, e.g. ddp."),
+    num_nodes: int = typer.Option(1, "--num-nodes"),
+    no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision (bf16 on CPU, AMP on CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Train a classifier: split, extract/cache features, train, evaluate, save."""
+    """Train a classifier: split, extract/cache features, train, fine-tune, evaluate, save."""
     from .pipeline import train
 
     _setup_logging(quiet)
-    res = train(data, out_dir, backbone=backbone, mode=mode, head=_csv_ints(head), dropout=dropout, epochs=epochs,
-                lr=lr, batch_size=batch_size, patience=patience, seed=seed, val=val, test=test,
-                class_weights=class_weights, label_smoothing=label_smoothing, weight_decay=weight_decay,
-                cut_stage=cut_stage, image_size=image_size, pretrained=not no_pretrained,
-                weights=str(weights) if weights else None, allow_download=allow_download or None,
-                cache_dir=str(cache_dir) if cache_dir else None, no_cache=no_cache, workers=workers,
-                device=device, mixed_precision=not no_amp, quiet=quiet or as_json)
+    options = dict(backbone=backbone, mode=mode, head=_csv_ints(head), dropout=dropout, epochs=epochs,
+                   lr=lr, batch_size=batch_size, patience=patience, ft_epochs=ft_epochs, ft_lr=ft_lr,
+                   ft_batch_size=ft_batch_size, ft_patience=ft_patience, freeze_epochs=freeze_epochs,
+                   unfreeze=unfreeze, augment=augment, aug_views=aug_views, balance=balance,
+                   class_weights=class_weights, label_smoothing=label_smoothing, weight_decay=weight_decay,
+                   grad_clip=grad_clip or None, time_limit=parse_duration(time_limit), seed=seed, val=val, test=test,
+                   cut_stage=cut_stage, image_size=image_size, pretrained=not no_pretrained,
+                   weights=str(weights) if weights else None, allow_download=allow_download or None,
+                   cache_dir=str(cache_dir) if cache_dir else None, no_cache=no_cache, workers=workers,
+                   device=device, accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
+                   mixed_precision=not no_amp, quiet=quiet or as_json)
+    if resume is not None:
+        overrides = {"quiet": quiet or as_json}
+        if time_limit is not None:
+            overrides["time_limit"] = parse_duration(time_limit)
+        res = train(None, resume, resume=True, **overrides)
+    else:
+        res = train(data, out_dir, **options)
+    if not res.is_global_zero:
+        return
     if as_json:
         _print_json({"run": str(res.run_dir), "model": str(res.model_dir), "metrics": res.metrics})
     else:
+        for w in res.warnings:
+            err.print(f"[yellow]warning[/]: {w}")
         _summary(res.run_dir, res.metrics)
 
 

@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,40 +17,48 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ._io import write_json
 from .artifacts import save_artifact
 from .backbones.models import Classifier, build_head, create_backbone
-from .data.scan import Dataset, Skipped, scan
+from .data.scan import Dataset, Sample, Skipped, scan
 from .data.split import split_dataset, write_skipped_csv, write_split_csv
+from .data.transforms import AUGMENT_PRESETS, TrainTransform
 from .errors import ConfigError, DataError
 from .evaluation.metrics import softmax
 from .evaluation.outputs import SplitResult, write_run_outputs
 from .features.cache import FeatureCache
-from .features.extract import FeatureExtractor
-from .predict import load_model
+from .features.extract import FeatureExtractor, default_workers
+from .predict import Predictor, load_model
 from .training.callbacks import History
+from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
 from .training.head import HeadConfig, balanced_class_weights, fit_head
 
 __all__ = ["TrainConfig", "RunResult", "train", "evaluate", "default_run_dir"]
 
 log = logging.getLogger("transferlab")
 
-MODES = ("head",)
+MODES = ("head", "finetune", "auto")
+BALANCE = ("none", "weights", "sampler")
 
 
 @dataclass
 class TrainConfig:
-    """Every option of ``transferlab train`` with its default.
+    """Every option of ``transferlab train`` with its default (the README says why).
 
     backbone: alias or timm name (default ``efficientnet_lite0``, weights bundled offline).
-    mode: ``head`` trains a head on cached frozen features.
-    head / dropout: MLP widths (empty: linear) and dropout. epochs / lr / batch_size: head training.
-    val / test: split fractions when the data is not pre-split. seed: split and training seed.
-    class_weights: ``balanced`` weights the loss by inverse class frequency.
-    cache_dir: feature cache folder (default ``$TRANSFERLAB_HOME/cache``); no_cache disables it.
+    mode: ``head`` trains a head on cached frozen features; ``finetune`` trains the network end to end
+        (backbone frozen for ``freeze_epochs``, then ``unfreeze`` stages with discriminative rates);
+        ``auto`` (default) does ``head`` first, then fine-tunes starting from that head.
+    head / dropout: MLP widths (empty: linear) and dropout. epochs / lr / patience: the head phase.
+    ft_epochs / ft_lr / ft_patience / ft_batch_size: the fine-tuning phase.
+    augment: ``none|light|strong`` for fine-tuning; aug_views: augmented views cached per image (head).
+    balance: ``none|weights|sampler`` against class imbalance (``class_weights='balanced'`` = weights).
+    time_limit: seconds for the whole run; training stops in time to evaluate and save.
+    devices / strategy / num_nodes / accelerator: Lightning's, for fine-tuning (``ddp`` over several).
     """
 
     backbone: str = "efficientnet_lite0"
-    mode: str = "head"
+    mode: str = "auto"
     pretrained: bool = True
     weights: str | None = None
     allow_download: bool | None = None
@@ -63,6 +73,22 @@ class TrainConfig:
     patience: int = 10
     label_smoothing: float = 0.0
     class_weights: str | None = None
+    balance: str = "none"
+    aug_views: int = 0
+    ft_epochs: int = 8
+    ft_lr: float = 1e-4
+    ft_batch_size: int = 32
+    ft_patience: int = 3
+    ft_label_smoothing: float = 0.1
+    freeze_epochs: int = 1
+    unfreeze: str = "all"
+    augment: str = "light"
+    grad_clip: float | None = 1.0
+    time_limit: float | None = None
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
     seed: int = 0
     val: float = 0.15
     test: float = 0.15
@@ -80,49 +106,46 @@ class TrainConfig:
             raise ConfigError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}.")
         if self.class_weights not in (None, "none", "balanced"):
             raise ConfigError(f"class_weights {self.class_weights!r}: expected 'balanced' or none.")
-        for name in ("epochs", "batch_size"):
+        if self.balance not in BALANCE:
+            raise ConfigError(f"balance {self.balance!r}: expected one of {', '.join(BALANCE)}.")
+        if self.augment not in AUGMENT_PRESETS:
+            raise ConfigError(f"augment {self.augment!r}: expected one of {', '.join(AUGMENT_PRESETS)}.")
+        if self.unfreeze != "all" and not str(self.unfreeze).isdigit():
+            raise ConfigError(f"unfreeze {self.unfreeze!r}: expected 'all' or a number of stages.")
+        for name in ("epochs", "batch_size", "ft_epochs", "ft_batch_size", "devices", "num_nodes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1.")
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr}: must be positive (for example 1e-3).")
+        if self.aug_views < 0:
+            raise ConfigError(f"aug_views={self.aug_views}: must be 0 or more.")
+        if not (self.lr > 0 and self.ft_lr > 0):
+            raise ConfigError(f"learning rates must be positive (got lr={self.lr}, ft_lr={self.ft_lr}).")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout={self.dropout}: must be in [0, 1).")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ConfigError(f"time_limit={self.time_limit}: must be positive seconds (e.g. 900 for 15m).")
         return self
+
+    @property
+    def loss_weights(self) -> bool:
+        """True when the loss is reweighted by inverse class frequency."""
+        return self.class_weights == "balanced" or self.balance == "weights"
 
 
 @dataclass
 class RunResult:
-    """What a run produced: its directory, metrics and model folder."""
+    """What a run produced: its directory, metrics and model folder (``is_global_zero`` False on the
+    other ranks of a distributed run, which write nothing)."""
 
     run_dir: Path
     metrics: dict[str, Any]
     model_dir: Path
     warnings: list[str] = field(default_factory=list)
+    is_global_zero: bool = True
 
 
 def default_run_dir() -> Path:
     """``runs/<date>-<time>`` in the current folder."""
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-
-
-def _features_by_split(ds: Dataset, extractor: FeatureExtractor, cache: FeatureCache | None,
-                       skipped: list[Skipped]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, list[str]]], Dataset]:
-    paths = [s.path for s in ds.samples]
-    ext = extractor.extract(paths, cache)
-    for i, reason in ext.errors.items():
-        skipped.append(Skipped(paths[i], reason))
-    keep = [s for s, ok in zip(ds.samples, ext.ok) if ok]
-    feats = ext.features[ext.ok]
-    index = {c: i for i, c in enumerate(ds.classes)}
-    out = {}
-    for split in ("train", "val", "test"):
-        rows = [i for i, s in enumerate(keep) if s.split == split]
-        out[split] = (feats[rows], np.array([index[keep[i].label] for i in rows], dtype=np.int64),
-                      [keep[i].path for i in rows])
-    extractor_stats = {"computed": ext.computed, "cached": ext.cached, "seconds": ext.seconds}
-    ds = replace(ds, samples=keep)
-    ds.infos["_extraction"] = extractor_stats  # type: ignore[assignment]
-    return out, ds
 
 
 def _probs(head: torch.nn.Module, x: np.ndarray) -> np.ndarray:
@@ -131,79 +154,208 @@ def _probs(head: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     return softmax(logits)
 
 
-def train(data: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-          config: TrainConfig | None = None, **overrides: Any) -> RunResult:
-    """Train a classifier on a labelled image folder and write a full run directory.
+def _labels(samples: Sequence[Sample], classes: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[s.label] for s in samples], dtype=np.int64)
 
-    Args:
-        data: class folders, pre-split folders or a CSV manifest (a previous run's split.csv works).
-        out: run directory (default ``runs/<date>-<time>``).
-        config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
 
-    Example:
-        >>> result = train("photos/", "runs/photos", epochs=20)  # doctest: +SKIP
-        >>> result.metrics["test"]["accuracy"]  # doctest: +SKIP
-    """
-    cfg = replace(config or TrainConfig(), **overrides).validate()
-    t_start = time.perf_counter()
-    run = Path(out) if out is not None else default_run_dir()
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "logs").mkdir(exist_ok=True)
-    ds = split_dataset(scan(data), cfg.val, cfg.test, cfg.seed)
-    skipped = list(ds.skipped)
-    write_split_csv(ds.samples, run / "split.csv")
-    write_skipped_csv(skipped, run / "skipped.csv")
-    if not any(s.split == "train" for s in ds.samples):
-        raise DataError(f"no training images in '{data}' after splitting.")
-
-    backbone, info = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights_file=cfg.weights,
-                                     allow_download=cfg.allow_download, cut_stage=cfg.cut_stage,
-                                     image_size=cfg.image_size)
+def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skipped: list[Skipped],
+                history: History) -> tuple[Any, dict[str, Any], Dataset, dict[str, SplitResult]]:
+    """Extract (cached) features, train the head; returns head, stats, the usable dataset, val/test results."""
     extractor = FeatureExtractor(backbone, info, device=cfg.device, batch_size=cfg.batch_size,
                                  workers=cfg.workers, mixed_precision=cfg.mixed_precision, quiet=cfg.quiet)
     cache = None if cfg.no_cache else FeatureCache(cfg.cache_dir)
     t0 = time.perf_counter()
-    splits, ds = _features_by_split(ds, extractor, cache, skipped)
+    paths = [s.path for s in ds.samples]
+    ext = extractor.extract(paths, cache)
+    for i, reason in ext.errors.items():
+        skipped.append(Skipped(paths[i], reason))
+    keep = [s for s, ok in zip(ds.samples, ext.ok) if ok]
+    feats = ext.features[ext.ok]
+    ds = replace(ds, samples=keep)
+    by = {sp: [i for i, s in enumerate(keep) if s.split == sp] for sp in ("train", "val", "test")}
+    xtr, ytr = feats[by["train"]], _labels([keep[i] for i in by["train"]], ds.classes)
+    computed, cached = ext.computed, ext.cached
+    if cfg.aug_views:
+        train_paths = [keep[i].path for i in by["train"]]
+        for k in range(cfg.aug_views):
+            aug = _SeededView(TrainTransform(info.preprocessing, cfg.augment if cfg.augment != "none" else "light"),
+                              cfg.seed, k)
+            view = extractor.extract(train_paths, cache, transform=aug, view=f"aug-{cfg.augment}-{cfg.seed}-{k}",
+                                     description=f"Augmented view {k + 1}/{cfg.aug_views}")
+            xtr = np.concatenate([xtr, view.features[view.ok]])
+            ytr = np.concatenate([ytr, _labels([keep[by["train"][i]] for i in np.flatnonzero(view.ok)], ds.classes)])
+            computed, cached = computed + view.computed, cached + view.cached
     extract_s = time.perf_counter() - t0
-    write_split_csv(ds.samples, run / "split.csv")
-    write_skipped_csv(skipped, run / "skipped.csv")
-    xtr, ytr, _ = splits["train"]
-    xva, yva, pva = splits["val"]
-    xte, yte, pte = splits["test"]
     n_classes = len(ds.classes)
-    missing = sorted(set(range(n_classes)) - set(ytr.tolist()))
-    if missing:
-        raise DataError(f"class(es) {', '.join(repr(ds.classes[i]) for i in missing)} have no usable training image.")
-
+    _check_train_classes(ytr, ds.classes)
     t1 = time.perf_counter()
-    weights = balanced_class_weights(ytr, n_classes) if cfg.class_weights == "balanced" else None
-    history = History(run / "logs" / "history.csv", "head")
+    weights = balanced_class_weights(ytr, n_classes) if cfg.loss_weights else None
     head_cfg = HeadConfig(hidden=tuple(cfg.head), dropout=cfg.dropout, epochs=cfg.epochs, lr=cfg.lr,
                           weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, patience=cfg.patience,
-                          label_smoothing=cfg.label_smoothing, class_weights=weights, seed=cfg.seed,
-                          quiet=cfg.quiet)
+                          label_smoothing=cfg.label_smoothing, class_weights=weights,
+                          balance_sampler=cfg.balance == "sampler", seed=cfg.seed, quiet=cfg.quiet)
+    xva, yva = feats[by["val"]], _labels([keep[i] for i in by["val"]], ds.classes)
     result = fit_head(xtr, ytr, xva, yva, n_classes, head_cfg, log_dir=run / "logs", history=history)
-    train_s = time.perf_counter() - t1
+    results = {}
+    for sp in ("val", "test"):
+        if by[sp]:
+            results[sp] = SplitResult(_labels([keep[i] for i in by[sp]], ds.classes), _probs(result.head, feats[by[sp]]),
+                                      [keep[i].path for i in by[sp]])
+    stats = {"extract_s": extract_s, "head_s": time.perf_counter() - t1, "features_computed": computed,
+             "features_cached": cached, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch}
+    return result.head, stats, ds, results
 
-    model = Classifier(backbone, result.head, info.preprocessing)
-    val_res = SplitResult(yva, _probs(result.head, xva), pva) if len(yva) else None
-    test_res = SplitResult(yte, _probs(result.head, xte), pte) if len(yte) else None
-    counts = ds.counts()
+
+class _SeededView:
+    """An augmentation whose randomness is fixed per (seed, view, file), so a cached view is reproducible."""
+
+    def __init__(self, transform, seed: int, view: int) -> None:
+        self.transform, self.seed, self.view = transform, seed, view
+        self.draft = getattr(transform, "draft", None)
+
+    def __call__(self, img):
+        h = zlib.crc32(img.tobytes()[:4096]) ^ (self.seed * 7919 + self.view * 104729)
+        torch.manual_seed(h)
+        return self.transform(img)
+
+
+def _check_train_classes(ytr: np.ndarray, classes: list[str]) -> None:
+    missing = sorted(set(range(len(classes))) - set(ytr.tolist()))
+    if missing:
+        raise DataError(f"class(es) {', '.join(repr(classes[i]) for i in missing)} have no usable training image.")
+
+
+def _load_resume(run: Path) -> tuple[str, TrainConfig]:
+    path = run / "train_config.json"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume '{run}': it has no train_config.json (is it a transferlab run directory?).")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    names = {f.name for f in fields(TrainConfig)}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved["config"].items() if k in names}
+    return str(run / "split.csv"), TrainConfig(**kwargs)
+
+
+def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | None = None,
+          config: TrainConfig | None = None, resume: bool = False, **overrides: Any) -> RunResult:
+    """Train a classifier on a labelled image folder and write a full run directory.
+
+    Args:
+        data: class folders, pre-split folders or a CSV manifest (a previous run's split.csv works).
+            Ignored with ``resume``.
+        out: run directory (default ``runs/<date>-<time>``).
+        config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
+        resume: continue the run in ``out`` from its last checkpoint, on its own split and options.
+
+    Example:
+        >>> result = train("photos/", "runs/photos", mode="auto", time_limit=900)  # doctest: +SKIP
+        >>> result.metrics["test"]["accuracy"]  # doctest: +SKIP
+    """
+    t_start, wall_start = time.perf_counter(), time.time()
+    run = Path(out) if out is not None else default_run_dir()
+    if resume:
+        data, saved = _load_resume(run)
+        cfg = replace(saved, **overrides).validate()
+    else:
+        if data is None:
+            raise ConfigError("give the DATA folder to train on (or --resume RUN).")
+        cfg = replace(config or TrainConfig(), **overrides).validate()
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "logs").mkdir(exist_ok=True)
+    deadline = wall_start + cfg.time_limit if cfg.time_limit else None
+    ds = split_dataset(scan(data), cfg.val, cfg.test, cfg.seed)
+    skipped = list(ds.skipped)
+    if not resume:
+        write_json(run / "train_config.json", {"data": str(Path(data).resolve()), "config": _jsonable(asdict(cfg))})
+    write_split_csv(ds.samples, run / "split.csv")
+    write_skipped_csv(skipped, run / "skipped.csv")
+    if not any(s.split == "train" for s in ds.samples):
+        raise DataError(f"no training images in '{data}' after splitting.")
+    backbone, info = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights_file=cfg.weights,
+                                     allow_download=cfg.allow_download, cut_stage=cfg.cut_stage,
+                                     image_size=cfg.image_size)
+    use_head = cfg.mode == "head" or (cfg.mode == "auto" and info.pretrained)
+    use_ft = cfg.mode == "finetune" or (cfg.mode == "auto")
+    history = History(run / "logs" / "history.csv", "head")
+    stats: dict[str, Any] = {"extract_s": 0.0, "head_s": 0.0, "features_computed": 0, "features_cached": 0}
+    results: dict[str, SplitResult] = {}
+    n_classes = len(ds.classes)
+    head = build_head(info.num_features, n_classes, tuple(cfg.head), cfg.dropout)
+    if use_head:
+        head, stats, ds, results = _head_phase(ds, cfg, backbone, info, run, skipped, history)
+    model = Classifier(backbone, head, info.preprocessing)
+    ft: FinetuneResult | None = None
+    t_ft = time.perf_counter()
+    if use_ft:
+        train_s = [s for s in ds.samples if s.split == "train"]
+        val_s = [s for s in ds.samples if s.split == "val"]
+        ytr = _labels(train_s, ds.classes)
+        _check_train_classes(ytr, ds.classes)
+        history.phase = "finetune"
+        ft_cfg = FinetuneConfig(
+            epochs=cfg.ft_epochs, lr=cfg.ft_lr, freeze_epochs=0 if use_head else cfg.freeze_epochs,
+            unfreeze=cfg.unfreeze, weight_decay=cfg.weight_decay, label_smoothing=cfg.ft_label_smoothing,
+            batch_size=cfg.ft_batch_size, patience=cfg.ft_patience, grad_clip=cfg.grad_clip, augment=cfg.augment,
+            class_weights=balanced_class_weights(ytr, n_classes) if cfg.loss_weights else None,
+            balance_sampler=cfg.balance == "sampler", seed=cfg.seed,
+            workers=default_workers() if cfg.workers is None else cfg.workers, accelerator=cfg.accelerator,
+            devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
+            mixed_precision=cfg.mixed_precision, deadline=deadline, quiet=cfg.quiet)
+        ft = fit_finetune(model, [s.path for s in train_s], ytr.tolist(), [s.path for s in val_s],
+                          _labels(val_s, ds.classes).tolist(), ft_cfg, run, history, resume=resume,
+                          pretrained=info.pretrained)
+        if not ft.is_global_zero:
+            return RunResult(run, {}, run / "model", is_global_zero=False)
+        model = ft.model
+        results = _evaluate_files(model, ds, cfg)
+    ft_s = time.perf_counter() - t_ft if use_ft else 0.0
+    return _finish(run, data, ds, cfg, info, model, results, history, skipped, stats, ft, ft_s, t_start)
+
+
+def _evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[str, SplitResult]:
+    """Val and test probabilities through the same path as ``predict`` (files -> Predictor)."""
+    predictor = Predictor(model, {"classes": ds.classes, "preprocessing": model.preprocessing.to_dict()},
+                          device=cfg.device, mixed_precision=cfg.mixed_precision,
+                          workers=default_workers() if cfg.workers is None else cfg.workers)
+    out = {}
+    for sp in ("val", "test"):
+        samples = [s for s in ds.samples if s.split == sp]
+        if not samples:
+            continue
+        probs, errors = predictor.predict_proba([s.path for s in samples], calibrated=False)
+        ok = [i for i, e in enumerate(errors) if e is None]
+        out[sp] = SplitResult(_labels([samples[i] for i in ok], ds.classes), probs[ok], [samples[i].path for i in ok])
+    return out
+
+
+def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, model: Classifier,
+            results: dict[str, SplitResult], history: History, skipped: list[Skipped], stats: dict[str, Any],
+            ft: FinetuneResult | None, ft_s: float, t_start: float) -> RunResult:
+    write_split_csv(ds.samples, run / "split.csv")
+    write_skipped_csv(skipped, run / "skipped.csv")
     n_images = {s: int(sum(1 for x in ds.samples if x.split == s)) for s in ("train", "val", "test")}
+    train_s = stats["head_s"] + ft_s
     total_s = time.perf_counter() - t_start
-    timing = {"extract_s": round(extract_s, 4), "train_s": round(train_s, 4), "total_s": round(total_s, 4),
-              "features_computed": ds.infos["_extraction"]["computed"],  # type: ignore[index]
-              "features_cached": ds.infos["_extraction"]["cached"]}  # type: ignore[index]
-    summary = {"data": str(Path(data).resolve()), "layout": ds.layout, "classes": n_classes,
+    timing = {"extract_s": round(stats["extract_s"], 4), "train_s": round(train_s, 4), "total_s": round(total_s, 4),
+              "head_s": round(stats["head_s"], 4), "finetune_s": round(ft_s, 4),
+              "features_computed": stats["features_computed"], "features_cached": stats["features_cached"]}
+    warnings = []
+    if ft is not None and ft.stopped_by_time:
+        warnings.append(f"training stopped by the time limit ({cfg.time_limit:g}s) after {ft.epochs_run} "
+                        "fine-tuning epoch(s); the best model so far was evaluated and saved.")
+    summary = {"data": str(Path(data).resolve()), "layout": ds.layout, "classes": len(ds.classes),
                "backbone": f"{info.name} ({info.timm_name})", "weights": f"{info.weights_origin} {info.weights_digest}",
                "mode": cfg.mode, "image size": info.preprocessing.size,
                "head": "linear" if not cfg.head else "MLP " + ",".join(map(str, cfg.head)),
-               "epochs run": result.epochs_run, "best epoch": result.best_epoch, "seed": cfg.seed,
-               "extract (s)": f"{extract_s:.1f}", "train (s)": f"{train_s:.1f}", "total (s)": f"{total_s:.1f}"}
-    metrics = write_run_outputs(run, labels=ds.classes, test=test_res, val=val_res, history=history.rows,
-                                summary=summary, counts=counts, skipped=[(k.path, k.reason) for k in skipped],
+               "head epochs (best)": f"{stats.get('epochs_run', 0)} ({stats.get('best_epoch', '-')})",
+               "fine-tune epochs (best)": f"{ft.epochs_run} ({ft.best_epoch})" if ft else "—",
+               "seed": cfg.seed, "extract (s)": f"{stats['extract_s']:.1f}", "train (s)": f"{train_s:.1f}",
+               "total (s)": f"{total_s:.1f}"}
+    metrics = write_run_outputs(run, labels=ds.classes, test=results.get("test"), val=results.get("val"),
+                                history=history.rows, summary=summary, counts=ds.counts(),
+                                skipped=[(k.path, k.reason) for k in skipped], warnings=warnings,
                                 extra_metrics={"timing": timing, "backbone": info.name, "n_images": n_images,
-                                               "mode": cfg.mode},
+                                               "mode": cfg.mode, "stopped_by_time": bool(ft and ft.stopped_by_time)},
                                 title=f"transferlab: {Path(data).name}", top_k=cfg.top_k)
     model_cfg = {
         "classes": ds.classes,
@@ -211,15 +363,15 @@ def train(data: str | os.PathLike[str], out: str | os.PathLike[str] | None = Non
         "preprocessing": info.preprocessing.to_dict(),
         "head": {"in_features": info.num_features, "hidden": list(cfg.head), "dropout": cfg.dropout},
         "calibration": {"temperature": 1.0},
-        "training": {"mode": cfg.mode, "config": _jsonable(asdict(cfg)), "epochs_run": result.epochs_run,
-                     "best_epoch": result.best_epoch, "n_images": n_images, "data": str(Path(data).resolve()),
-                     "split_csv": str((run / "split.csv").resolve())},
+        "training": {"mode": cfg.mode, "config": _jsonable(asdict(cfg)), "n_images": n_images,
+                     "head_epochs": stats.get("epochs_run"), "finetune_epochs": ft.epochs_run if ft else 0,
+                     "data": str(Path(data).resolve()), "split_csv": str((run / "split.csv").resolve())},
         "metrics": {"test_accuracy": (metrics.get("test") or {}).get("accuracy"),
                     "test_macro_f1": (metrics.get("test") or {}).get("macro_f1"),
                     "val_accuracy": (metrics.get("val") or {}).get("accuracy")},
     }
-    model_dir = save_artifact(run / "model", model, model_cfg)
-    return RunResult(run, metrics, model_dir)
+    model_dir = save_artifact(run / "model", model.cpu().to(memory_format=torch.contiguous_format), model_cfg)
+    return RunResult(run, metrics, model_dir, warnings)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -237,12 +389,7 @@ def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], out: s
     if unknown:
         raise DataError(f"class(es) {', '.join(map(repr, unknown))} in '{data}' are not classes of this model "
                         f"({', '.join(predictor.classes)}).")
-    if workers is not None:
-        predictor.workers = workers
-    else:
-        from .features.extract import default_workers
-
-        predictor.workers = default_workers()
+    predictor.workers = default_workers() if workers is None else workers
     t0 = time.perf_counter()
     probs, errors = predictor.predict_proba([s.path for s in samples])
     skipped = list(ds.skipped) + [Skipped(s.path, e) for s, e in zip(samples, errors) if e]

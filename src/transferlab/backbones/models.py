@@ -73,7 +73,7 @@ class FeatureBackbone(nn.Module):
             model.prune_intermediate_layers(indices=[cut_stage - 1], prune_head=True, prune_norm=True)
             self.num_features = int(model.feature_info[cut_stage - 1]["num_chs"])
         else:
-            self.num_features = int(model.num_features)
+            self.num_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cut_stage is None:
@@ -89,27 +89,29 @@ def stage_count(model: nn.Module) -> int:
 
 
 class Standardize(nn.Module):
-    """Fixed per-feature standardisation ``(x - mean) / std`` with statistics of the training features.
+    """Fixed centring and scaling ``(x - mean) / scale`` with statistics of the training features.
 
     Backbones' pooled features differ in scale by orders of magnitude (VGG's ReLU outputs against
-    EfficientNet's); standardising them lets one learning rate suit every backbone, as a
-    ``StandardScaler`` before a logistic regression does. The statistics are saved with the model.
+    EfficientNet's); bringing them to unit average variance lets one learning rate suit every
+    backbone. One scalar ``scale`` (the root of the mean per-feature variance) keeps the features'
+    relative sizes, so a feature that is nearly constant in training cannot blow up on new images.
+    The statistics are saved with the model.
     """
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(num_features))
-        self.register_buffer("std", torch.ones(num_features))
+        self.register_buffer("scale", torch.ones(()))
 
     def set_stats(self, features: torch.Tensor) -> None:
-        """Set mean and std (floored at 1e-6 of the largest std) from a (n, d) feature matrix."""
+        """Set mean and scale from a (n, d) feature matrix."""
         f = features.float()
         self.mean.copy_(f.mean(0))
-        std = f.std(0) if f.shape[0] > 1 else torch.ones_like(self.std)
-        self.std.copy_(std.clamp_min(float(std.max()) * 1e-6 + 1e-12))
+        var = f.var(0).mean() if f.shape[0] > 1 else torch.tensor(1.0)
+        self.scale.copy_(var.sqrt().clamp_min(1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return (x - self.mean) / self.scale
 
 
 def build_head(in_features: int, num_classes: int, hidden: Sequence[int] = (), dropout: float = 0.0,
@@ -138,6 +140,7 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone: FeatureBackbone, head: nn.Module, pre: Preprocessing) -> None:
         super().__init__()
+        self.preprocessing = pre
         self.normalize = Normalize(pre.mean, pre.std)
         self.backbone = backbone
         self.head = head

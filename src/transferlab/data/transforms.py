@@ -119,7 +119,7 @@ class TrainTransform:
                       "nearest": T.InterpolationMode.NEAREST,
                       "lanczos": T.InterpolationMode.LANCZOS}[pre.interpolation]
             ops: list[Any] = [
-                T.RandomResizedCrop(pre.size, scale=(0.35, 1.0) if preset == "light" else (0.08, 1.0),
+                T.RandomResizedCrop(pre.size, scale=(0.6, 1.0) if preset == "light" else (0.08, 1.0),
                                     interpolation=interp, antialias=True),
                 T.RandomHorizontalFlip(),
                 T.RandomRotation(10, interpolation=T.InterpolationMode.BILINEAR),

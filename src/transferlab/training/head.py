@@ -100,6 +100,7 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
         callbacks.append(EarlyStopping("val_loss", patience=cfg.patience, mode="min"))
     trainer = make_trainer(log_dir, max_epochs=cfg.epochs, callbacks=callbacks, quiet=cfg.quiet,
                            version="head", accelerator="cpu", devices=1)
+    module.train()
     trainer.fit(module, train_loader, val_loader)
     head.eval()
     return HeadResult(head, hist.rows, best.best_epoch + 1, trainer.current_epoch)

@@ -1,0 +1,329 @@
+"""End-to-end fine-tuning on Lightning: staged unfreezing, discriminative learning rates, BatchNorm
+statistics frozen in frozen stages, augmentation on the fly, checkpoints, resume, time limits and DDP.
+
+Defaults follow fastai's ``fine_tune`` (a short frozen phase so the new head settles, then the whole
+network with learning rates spread geometrically from ``lr/200`` at the stem to ``lr/2`` at the top)
+and the Keras transfer-learning guide (a low rate once the backbone trains, early stopping).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from ..backbones.models import Classifier, SimpleCNN
+from ..data.loader import ImageFiles
+from ..data.transforms import EvalTransform, TrainTransform
+from ..runtime import cpu_has_bf16
+from .callbacks import BestWeights, History
+from .module import ClassifierModule
+from .trainer import make_trainer
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "fit_finetune", "backbone_stages", "StageUnfreeze",
+           "EpochSeededSampler", "Deadline", "precision_for"]
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning options (see the module docstring for why the defaults are what they are)."""
+
+    epochs: int = 8
+    lr: float = 1e-3
+    freeze_epochs: int = 1
+    unfreeze: str | int = "all"
+    lr_mult: float = 100.0
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 0.5
+    batch_size: int = 32
+    patience: int = 3
+    grad_clip: float | None = 1.0
+    augment: str = "light"
+    train_bn: bool | None = None  # None: only when the backbone is not pretrained
+    class_weights: Sequence[float] | None = None
+    balance_sampler: bool = False
+    seed: int = 0
+    workers: int = 2
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    mixed_precision: bool = True
+    deadline: float | None = None  # time.time() by which training must have stopped
+    quiet: bool = False
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned classifier (best validation epoch) and its history."""
+
+    model: Classifier
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = -1
+    epochs_run: int = 0
+    stopped_by_time: bool = False
+    is_global_zero: bool = True
+
+
+def backbone_stages(model: nn.Module) -> list[list[nn.Parameter]]:
+    """The backbone's parameters in stages, stem first (timm's coarse ``group_matcher``)."""
+    inner = getattr(model, "model", model)
+    if isinstance(inner, SimpleCNN) or not hasattr(inner, "group_matcher"):
+        return [[p for p in model.parameters()]]
+    from timm.models import group_parameters
+
+    groups = group_parameters(inner, inner.group_matcher(coarse=True))
+    named = dict(inner.named_parameters())
+    stages = [[named[n] for n in names if n in named] for _, names in sorted(groups.items())]
+    return [s for s in stages if s]
+
+
+def _stage_modules(model: nn.Module, stages: list[list[nn.Parameter]]) -> list[list[nn.Module]]:
+    """BatchNorm modules of each stage (a BN belongs to the stage of its weight)."""
+    owner = {id(p): i for i, s in enumerate(stages) for p in s}
+    out: list[list[nn.Module]] = [[] for _ in stages]
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and id(m.weight) in owner:
+            out[owner[id(m.weight)]].append(m)
+    return out
+
+
+class StageUnfreeze(L.Callback):
+    """Backbone frozen for ``freeze_epochs``, then the top ``unfreeze`` stages (or all) train.
+
+    BatchNorm layers of frozen stages stay in eval mode, so their running statistics do not drift.
+    With ``train_bn=False`` (the default for pretrained backbones, as the Keras guide advises) every
+    BatchNorm keeps its ImageNet statistics while its affine weights still train: small batches of
+    images unlike ImageNet would otherwise replace those statistics and undo what the head learned.
+    """
+
+    def __init__(self, stages: list[list[nn.Parameter]], bns: list[list[nn.Module]], freeze_epochs: int,
+                 unfreeze: str | int, train_bn: bool = False) -> None:
+        self.stages, self.bns = stages, bns
+        self.train_bn = train_bn
+        self.freeze_epochs = freeze_epochs
+        n = len(stages)
+        self.n_unfreeze = n if unfreeze == "all" else max(0, min(n, int(unfreeze)))
+
+    def trainable_stages(self, epoch: int) -> set[int]:
+        """Stage indices that train in ``epoch`` (0-based)."""
+        if epoch < self.freeze_epochs:
+            return set()
+        n = len(self.stages)
+        return set(range(n - self.n_unfreeze, n))
+
+    def _apply(self, epoch: int) -> None:
+        live = self.trainable_stages(epoch)
+        for i, stage in enumerate(self.stages):
+            for p in stage:
+                p.requires_grad_(i in live)
+                if i not in live:
+                    p.grad = None
+            for bn in self.bns[i]:
+                bn.train(i in live and self.train_bn)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply(trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._apply(trainer.current_epoch)
+
+
+class Deadline(L.Callback):
+    """Stops training so that evaluation and saving still fit before ``deadline`` (``time.time()``).
+
+    ``reserve_s`` grows to the measured length of a validation pass times ``eval_factor`` (evaluating
+    val and test afterwards costs about that), plus a fixed margin.
+    """
+
+    def __init__(self, deadline: float, eval_factor: float = 2.0, margin_s: float = 5.0) -> None:
+        self.deadline, self.eval_factor, self.margin_s = deadline, eval_factor, margin_s
+        self.val_s = 0.0
+        self._t = 0.0
+        self.step_s = 0.0
+        self.triggered = False
+
+    def _check(self, trainer: L.Trainer, extra: float = 0.0) -> None:
+        reserve = self.margin_s + self.eval_factor * self.val_s + extra
+        if time.time() + reserve >= self.deadline:
+            trainer.should_stop = True
+            self.triggered = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_s = time.perf_counter() - self._t
+        # a stop requested mid-epoch skips the epoch's validation, so reserve one step, not a val pass
+        self._check(trainer, extra=self.step_s)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._t = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.val_s = time.perf_counter() - self._t
+        self._check(trainer, extra=self.val_s)
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles with a generator seeded by ``(seed, epoch)`` and encodes the epoch in each index, so a
+    resumed run sees the same order and the same augmentations as an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.weights = weights
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(torch.as_tensor(self.weights, dtype=torch.double), self.n, True, generator=g)
+        else:
+            order = torch.randperm(self.n, generator=g)
+        base = self.epoch * self.n
+        return iter((base + order).tolist())
+
+
+class _TrainFiles(ImageFiles):
+    """Training items: the epoch comes encoded in the index; augmentation is seeded per (seed, epoch, file)."""
+
+    def __init__(self, paths, transform, labels, seed: int) -> None:
+        super().__init__(paths, transform, labels)
+        self.seed = seed
+
+    def __getitem__(self, i: int):
+        n = len(self.paths)
+        epoch, j = divmod(int(i), n)
+        torch.manual_seed(zlib.crc32(f"{self.seed}:{epoch}:{self.paths[j]}".encode()))
+        return super().__getitem__(j)
+
+
+def _collate_xy(items):
+    good = [it for it in items if it[0] is not None]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return torch.stack([it[0] for it in good]), torch.tensor([it[2] for it in good], dtype=torch.long)
+
+
+class _FinetuneModule(ClassifierModule):
+    def _step(self, batch, stage: str):
+        if batch[0].numel() == 0:  # every file of the batch failed to decode
+            return None
+        return super()._step(batch, stage)
+
+
+def precision_for(accelerator: str, mixed_precision: bool) -> str:
+    """Lightning precision: bf16-mixed on CPUs with native bf16, 16-mixed/bf16-mixed on CUDA, else 32."""
+    if not mixed_precision:
+        return "32-true"
+    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequence[int], val_paths: Sequence[str],
+                 val_y: Sequence[int], cfg: FinetuneConfig, run_dir: str | os.PathLike[str],
+                 history: History, resume: bool = False, pretrained: bool = True) -> FinetuneResult:
+    """Fine-tune ``model`` end to end; checkpoints every epoch in ``run_dir/checkpoints``.
+
+    With ``resume``, continues from ``checkpoints/last.ckpt`` (a run killed at any point, SIGKILL
+    included, loses at most the epoch in progress). A backbone without pretrained weights trains
+    from the first epoch at the full rate (no frozen phase).
+    """
+    run_dir = Path(run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    stages = backbone_stages(model.backbone)
+    bns = _stage_modules(model.backbone, stages)
+    freeze_epochs = cfg.freeze_epochs if pretrained else 0
+    n = len(stages)
+    groups: list[dict[str, Any]] = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
+    if pretrained:
+        top, bottom = cfg.lr / 2, cfg.lr / (2 * cfg.lr_mult)
+        for i, stage in enumerate(stages):
+            frac = i / max(1, n - 1)
+            groups.append({"params": stage, "lr": bottom * (top / bottom) ** frac})
+    else:
+        groups.append({"params": [p for s in stages for p in s], "lr": cfg.lr})
+    model = model.to(memory_format=torch.channels_last)
+    module = _FinetuneModule(model, lr=cfg.lr, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
+                             class_weights=cfg.class_weights, warmup_epochs=cfg.warmup_epochs, param_groups=groups,
+                             input_transform=_channels_last)
+    pre_cfg = model.preprocessing
+    train_tf = TrainTransform(pre_cfg, cfg.augment)
+    ytr = np.asarray(train_y, dtype=np.int64)
+    weights = None
+    if cfg.balance_sampler:
+        counts = np.bincount(ytr).astype(np.float64)
+        weights = (1.0 / counts[ytr])
+    train_ds = _TrainFiles(list(train_paths), train_tf, ytr.tolist(), cfg.seed)
+    sampler = EpochSeededSampler(len(train_ds), cfg.seed, weights)
+    loader_kw: dict[str, Any] = {"num_workers": cfg.workers, "persistent_workers": False}
+    if cfg.workers:
+        loader_kw["prefetch_factor"] = 4
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=_collate_xy,
+                              drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
+    val_loader = None
+    if len(val_paths):
+        val_ds = ImageFiles(list(val_paths), EvalTransform(pre_cfg), list(val_y))
+        val_loader = DataLoader(val_ds, batch_size=64, shuffle=False, collate_fn=_collate_xy, **loader_kw)
+    monitor = "val_loss" if val_loader is not None else "train_loss"
+    best = BestWeights(monitor)
+    unfreeze = StageUnfreeze(stages, bns, freeze_epochs, cfg.unfreeze if pretrained else "all",
+                             train_bn=cfg.train_bn if cfg.train_bn is not None else not pretrained)
+    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="epoch{epoch:03d}", save_last=True,
+                           every_n_epochs=1, save_top_k=-1, auto_insert_metric_name=False,
+                           save_on_train_epoch_end=True)
+    callbacks: list[Any] = [unfreeze, history, best, ckpt]
+    if val_loader is not None:
+        callbacks.append(EarlyStopping(monitor, patience=cfg.patience, mode="min"))
+    deadline = Deadline(cfg.deadline) if cfg.deadline else None
+    if deadline is not None:
+        callbacks.append(deadline)
+    trainer = make_trainer(run_dir / "logs", max_epochs=cfg.epochs + freeze_epochs, callbacks=callbacks,
+                           quiet=cfg.quiet, version="finetune", accelerator=cfg.accelerator, devices=cfg.devices,
+                           strategy=cfg.strategy, num_nodes=cfg.num_nodes,
+                           precision=precision_for(cfg.accelerator, cfg.mixed_precision),
+                           gradient_clip_val=cfg.grad_clip, checkpoint=True, deterministic=False)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if resume and last.is_file() else None
+    if ckpt_path:
+        _allow_checkpoint_globals()
+    module.train()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    model = module.model.eval()
+    return FinetuneResult(model, history.rows, best.best_epoch + 1, trainer.current_epoch,
+                          bool(deadline and deadline.triggered), trainer.is_global_zero)
+
+
+def _allow_checkpoint_globals() -> None:
+    """Our own checkpoints hold only tensors, numbers and lists; torch's weights_only loader needs the
+    few plain types Lightning stores to be allow-listed."""
+    try:
+        import collections
+
+        torch.serialization.add_safe_globals([collections.OrderedDict, collections.defaultdict, dict, list])
+    except Exception:
+        pass
