@@ -255,6 +255,55 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
         err.print(f"{n_err} file(s) could not be read (see the error column).")
 
 
+@app.command("lr-find")
+def lr_find_cmd(data: Path = typer.Argument(..., help="Labelled folder or manifest."),
+                out_dir: Path = typer.Option(Path("."), "--out", help="Folder for lr_find.png."),
+                backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+                seed: int = typer.Option(0, "--seed"), quiet: bool = typer.Option(False, "--quiet", "-q"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Learning-rate finder on the head (cached features): writes the loss-vs-rate plot, prints a suggestion."""
+    from .tools import lr_find
+
+    _setup_logging(quiet)
+    res = lr_find(data, out_dir, backbone=backbone, seed=seed, quiet=quiet or as_json)
+    if as_json:
+        _print_json({"suggestion": res.suggestion, "plot": str(Path(out_dir) / "lr_find.png")})
+    else:
+        sug = f"{res.suggestion:.2e}" if res.suggestion else "none (loss never fell)"
+        out.print(f"suggested head learning rate: [bold]{sug}[/] (plot: {Path(out_dir) / 'lr_find.png'})")
+
+
+@app.command("compare")
+def compare_cmd(data: Path = typer.Argument(..., help="Labelled folder or manifest."),
+                backbones_: str = typer.Option("efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,simple_cnn",
+                                               "--backbones", help="Comma-separated backbone names."),
+                out_dir: Path = typer.Option(Path("compare"), "--out"),
+                mode: str = typer.Option("auto", "--mode", help="head or auto (simple_cnn always trains from scratch)."),
+                time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Budget per backbone, e.g. 5m."),
+                ft_epochs: int = typer.Option(8, "--ft-epochs"), image_size: Optional[int] = typer.Option(None, "--image-size"),
+                seed: int = typer.Option(0, "--seed"), quiet: bool = typer.Option(False, "--quiet", "-q"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Train several backbones on the same split; write compare.csv and compare.html."""
+    from .compare import compare
+
+    _setup_logging(quiet)
+    names = [b.strip() for b in backbones_.split(",") if b.strip()]
+    rows = compare(data, names, out_dir, mode=mode, time_limit=parse_duration(time_limit), seed=seed,
+                   quiet=quiet or as_json, ft_epochs=ft_epochs, image_size=image_size)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("backbone", "status", "accuracy", "macro-F1", "train s", "latency ms", "params M", "MB")
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(r["backbone"], "skipped", "", "", "", "", "", r.get("reason", "")[:60])
+        else:
+            table.add_row(r["backbone"], "ok", f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", str(r["train_s"]),
+                          str(r["latency_ms"]), str(r["params_m"]), str(r["artifact_mb"]))
+    out.print(table)
+    out.print(f"wrote {out_dir}/compare.csv and {out_dir}/compare.html")
+
+
 @cache_app.command("info")
 def cache_info(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
                as_json: bool = typer.Option(False, "--json")) -> None:

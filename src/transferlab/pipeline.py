@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -262,6 +263,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         cfg = replace(config or TrainConfig(), **overrides).validate()
     run.mkdir(parents=True, exist_ok=True)
     (run / "logs").mkdir(exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     deadline = wall_start + cfg.time_limit if cfg.time_limit else None
     ds = split_dataset(scan(data), cfg.val, cfg.test, cfg.seed)
     skipped = list(ds.skipped)
@@ -294,6 +296,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         history.phase = "finetune"
         ft_cfg = FinetuneConfig(
             epochs=cfg.ft_epochs, lr=cfg.ft_lr, freeze_epochs=0 if use_head else cfg.freeze_epochs,
+            head_lr=None if use_head else 10 * cfg.ft_lr,
             unfreeze=cfg.unfreeze, weight_decay=cfg.weight_decay, label_smoothing=cfg.ft_label_smoothing,
             batch_size=cfg.ft_batch_size, patience=cfg.ft_patience, grad_clip=cfg.grad_clip, augment=cfg.augment,
             class_weights=balanced_class_weights(ytr, n_classes) if cfg.loss_weights else None,

@@ -211,6 +211,8 @@ def create_backbone(name: str = "efficientnet_lite0", *, pretrained: bool = True
         return fb, BackboneInfo(spec.name, SIMPLE_CNN, pre, False, "random", state_digest(model.state_dict()),
                                 None, fb.num_features, 1)
     full = _timm_model(spec, None, image_size)
+    if hasattr(full, "drop_rate"):
+        full.drop_rate = 0.0  # dropout on pooled features is the head's job (--dropout), not the backbone's
     origin, digest = "random", ""
     if pretrained:
         source = load_state_dict(spec, full, weights_file=weights_file, allow_download=allow_download)

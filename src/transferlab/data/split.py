@@ -82,7 +82,7 @@ def split_dataset(dataset: Dataset, val: float = 0.15, test: float = 0.15, seed:
     """
     given = [s for s in dataset.samples if s.split]
     if not given:
-        return replace(dataset, samples=stratified_split(dataset.samples, val, test, seed))
+        return replace(dataset, samples=_ordered(stratified_split(dataset.samples, val, test, seed)))
     missing = [s for s in dataset.samples if not s.split]
     if missing:
         log.warning("%d sample(s) have no split; they are split %.0f/%.0f/%.0f.", len(missing),
@@ -98,9 +98,13 @@ def split_dataset(dataset: Dataset, val: float = 0.15, test: float = 0.15, seed:
         rest = [s for s in samples if s.split != "train"]
         samples = rest + stratified_split([replace(s, split=None) for s in train], carve_val,
                                           carve_test, seed)
+    return replace(dataset, samples=_ordered(samples))
+
+
+def _ordered(samples: list[Sample]) -> list[Sample]:
+    """One canonical order (split, label, path), so a run and its resumption from split.csv agree."""
     order = {name: i for i, name in enumerate(SPLITS)}
-    samples.sort(key=lambda s: (order.get(s.split or "", 9), s.label, s.path))
-    return replace(dataset, samples=samples)
+    return sorted(samples, key=lambda s: (order.get(s.split or "", 9), s.label, s.path))
 
 
 def write_split_csv(samples: list[Sample], path: str | os.PathLike[str]) -> None:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["curves_png", "confusion_png", "figure_png"]
+__all__ = ["curves_png", "confusion_png", "figure_png", "lr_find_png", "scatter_png"]
 
 
 def figure_png(fig: Any, dpi: int = 110) -> bytes:
@@ -80,4 +80,32 @@ def confusion_png(cm: Sequence[Sequence[int]], labels: Sequence[str], normalize:
                 ax.text(j, i, txt, ha="center", va="center", fontsize=7,
                         color="white" if v > 0.6 * top else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
+    return figure_png(fig)
+
+
+def lr_find_png(lrs, losses, suggestion: float | None) -> bytes:
+    """Loss against learning rate (log axis), with the suggested rate marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (smoothed)")
+    ax.set_title("learning-rate finder")
+    if suggestion:
+        ax.axvline(suggestion, color="red", ls="--", label=f"suggested {suggestion:.2e}")
+        ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    return figure_png(fig)
+
+
+def scatter_png(points, xlabel: str, ylabel: str, title: str) -> bytes:
+    """Labelled scatter plot of ``(label, x, y)`` points (e.g. accuracy against latency)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, x, y in points:
+        ax.scatter([x], [y], s=40)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     return figure_png(fig)

@@ -40,7 +40,8 @@ class FinetuneConfig:
     """Fine-tuning options (see the module docstring for why the defaults are what they are)."""
 
     epochs: int = 8
-    lr: float = 1e-3
+    lr: float = 1e-4
+    head_lr: float | None = None  # default lr; a new, untrained head gets more (the pipeline passes 10x)
     freeze_epochs: int = 1
     unfreeze: str | int = "all"
     lr_mult: float = 100.0
@@ -259,7 +260,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     bns = _stage_modules(model.backbone, stages)
     freeze_epochs = cfg.freeze_epochs if pretrained else 0
     n = len(stages)
-    groups: list[dict[str, Any]] = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
+    groups: list[dict[str, Any]] = [{"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr}]
     if pretrained:
         top, bottom = cfg.lr / 2, cfg.lr / (2 * cfg.lr_mult)
         for i, stage in enumerate(stages):

@@ -21,6 +21,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*_is_dynamo_compiling.*")
+    warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 
 
 def make_trainer(log_dir: str | os.PathLike[str] | None, *, max_epochs: int, callbacks: list[Any],

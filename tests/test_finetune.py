@@ -1,0 +1,141 @@
+"""Fine-tuning: resume after SIGKILL, time limit, DDP on two CPU processes, baselines and head shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from transferlab.backbones import build_head, create_backbone
+from transferlab.pipeline import train
+from transferlab.predict import load_model
+
+FAST = ["--image-size", "64", "--workers", "0", "--ft-batch-size", "16", "-q"]
+
+
+def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "transferlab.cli", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _finetune_rows(run: Path) -> int:
+    hist = run / "logs" / "history.csv"
+    if not hist.exists():
+        return 0
+    return sum(1 for line in hist.read_text().splitlines() if ",finetune," in line)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(digits_dir, tmp_path):
+    args = [str(digits_dir), "--mode", "finetune", "--ft-epochs", "3", "--freeze-epochs", "1", "--seed", "5", *FAST]
+    full = _cli("train", *args, "--out", str(tmp_path / "full"))
+    killed = _cli("train", *args, "--out", str(tmp_path / "killed"))
+    deadline = time.time() + 300
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    while not last.exists() and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the second epoch
+    assert killed.poll() is None, "run finished before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert (tmp_path / "killed" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed = _cli("train", "--resume", str(tmp_path / "killed"), "-q")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert full.wait(timeout=600) == 0, full.stderr.read()
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert abs(a["test"]["accuracy"] - b["test"]["accuracy"]) <= 0.01
+    assert abs(a["test"]["macro_f1"] - b["test"]["macro_f1"]) <= 0.01
+    assert _finetune_rows(tmp_path / "killed") == _finetune_rows(tmp_path / "full") == 4
+    load_model(tmp_path / "killed" / "model").predict_proba([str(next(digits_dir.rglob("*.png")))])
+
+
+def test_time_limit_stops_in_time_with_saved_model(digits_dir, tmp_path):
+    t = time.time()
+    res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=200, ft_patience=200, time_limit=25,
+                image_size=64, workers=0, quiet=True)
+    wall = time.time() - t
+    assert wall < 25 + 15
+    assert res.metrics["stopped_by_time"] is True
+    assert res.metrics["test"]["accuracy"] is not None
+    assert load_model(res.model_dir).classes == [str(i) for i in range(10)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes(digits_dir, tmp_path):
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    p = _cli("train", str(digits_dir), "--out", str(tmp_path / "ddp"), "--mode", "finetune", "--ft-epochs", "1",
+             "--freeze-epochs", "1", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", *FAST, env=env)
+    assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert m["test"]["accuracy"] is not None
+    hist = (tmp_path / "ddp" / "logs" / "history.csv").read_text().splitlines()
+    assert len([h for h in hist if ",finetune," in h]) == 2
+    preds = load_model(tmp_path / "ddp" / "model").predict([str(next(digits_dir.rglob("*.png")))])
+    assert preds[0].label in [str(i) for i in range(10)]
+
+
+def test_simple_cnn_from_scratch_and_compare_table(digits_dir, tmp_path):
+    from transferlab.compare import compare
+
+    rows = compare(digits_dir, ["simple_cnn", "efficientnet_lite0", "resnet50"], tmp_path / "cmp", mode="auto",
+                   ft_epochs=1, image_size=64, workers=0, quiet=True)
+    by = {r["backbone"]: r for r in rows}
+    assert by["simple_cnn"]["status"] == "ok" and by["efficientnet_lite0"]["status"] == "ok"
+    assert by["resnet50"]["status"] == "skipped" and "no pretrained weights" in by["resnet50"]["reason"]
+    csv_text = (tmp_path / "cmp" / "compare.csv").read_text()
+    assert "simple_cnn" in csv_text and "efficientnet_lite0" in csv_text
+    assert "data:image/png;base64" in (tmp_path / "cmp" / "compare.html").read_text()
+    cfg = json.loads((tmp_path / "cmp" / "simple_cnn" / "model" / "config.json").read_text())
+    assert cfg["backbone"]["pretrained"] is False
+
+
+def test_vgg16_seed_head_shape_at_250():
+    bb, info = create_backbone("vgg16", pretrained=False, image_size=250)
+    head = build_head(info.num_features, 5, hidden=(1024, 1024, 4096), dropout=0.5)
+    with torch.no_grad():
+        out = head(bb(torch.randn(1, 3, 250, 250)))
+    assert info.num_features == 4096 and out.shape == (1, 5)
+
+
+def test_head_mode_with_cut_stage_and_aug_views(digits_dir, tmp_path):
+    res = train(digits_dir, tmp_path / "cut", mode="head", cut_stage=4, aug_views=2, augment="light", quiet=True,
+                epochs=5, image_size=96)
+    cfg = json.loads((res.model_dir / "config.json").read_text())
+    assert cfg["backbone"]["cut_stage"] == 4 and cfg["head"]["in_features"] == 112
+    assert res.metrics["timing"]["features_computed"] == 200 + 2 * res.metrics["n_images"]["train"]
+    again = train(digits_dir, tmp_path / "cut2", mode="head", cut_stage=4, aug_views=2, augment="light",
+                  quiet=True, epochs=5, image_size=96)
+    assert again.metrics["timing"]["features_computed"] == 0
+
+
+def test_lr_find_writes_plot(digits_dir, tmp_path, capsys):
+    from transferlab.cli import main
+
+    assert main(["lr-find", str(digits_dir), "--out", str(tmp_path), "--json", "-q"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["suggestion"] is None or 1e-6 <= res["suggestion"] <= 1.0
+    assert (tmp_path / "lr_find.png").stat().st_size > 1000
+
+
+def test_time_limit_parsing():
+    from transferlab.cli import parse_duration
+
+    assert parse_duration("15m") == 900 and parse_duration("1h30m") == 5400 and parse_duration("90") == 90
+    import typer
+
+    with pytest.raises(typer.BadParameter):
+        parse_duration("soon")
