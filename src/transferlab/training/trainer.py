@@ -33,6 +33,10 @@ def make_trainer(log_dir: str | os.PathLike[str] | None, *, max_epochs: int, cal
                  deterministic: bool = True) -> L.Trainer:
     """A Trainer with TensorBoard logs under ``log_dir`` (``None``: no loggers)."""
     quiet_lightning()
+    if strategy == "ddp":  # frozen stages leave parameters unused in some epochs
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(find_unused_parameters=True)  # type: ignore[assignment]
     loggers: list[Any] | bool = False
     if log_dir is not None:
         from lightning.pytorch.loggers import TensorBoardLogger
