@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -121,3 +122,14 @@ def test_cut_stage_and_image_size():
         assert bb(x).shape == (2, info.num_features) == (2, 40)
     with pytest.raises(ConfigError, match="cut_stage=9"):
         create_backbone("efficientnet_lite0", cut_stage=9)
+
+
+def test_bf16_features_match_fp32(sample_images):
+    from transferlab.features import FeatureExtractor
+
+    bb, info = create_backbone("efficientnet_lite0")
+    paths = list(sample_images.values())
+    a = FeatureExtractor(bb, info, mixed_precision=False, quiet=True).extract(paths).features
+    b = FeatureExtractor(bb, info, mixed_precision=True, quiet=True).extract(paths).features
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.99

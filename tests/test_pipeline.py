@@ -200,3 +200,22 @@ def test_demo_dataset_is_real_digits(tmp_path):
     assert len(files) == 30
     img = np.asarray(Image.open(files[0]))
     assert img.shape == (64, 64) and img.min() < 100 and img.max() > 200  # dark strokes on light paper
+
+
+def test_temperature_scaling_never_changes_argmax_and_is_stored(trained_run):
+    from transferlab.evaluation.calibration import apply_temperature, expected_calibration_error, fit_temperature
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, (300, 5))
+    y = np.where(rng.random(300) < 0.7, logits.argmax(1), rng.integers(0, 5, 300))  # over-confident model
+    from transferlab.evaluation.metrics import softmax
+
+    p = softmax(logits)
+    t = fit_temperature(p, y)
+    q = apply_temperature(p, t)
+    assert t > 1 and (q.argmax(1) == p.argmax(1)).all()
+    assert expected_calibration_error(q, y) < expected_calibration_error(p, y)
+    m = json.loads((trained_run.run_dir / "metrics.json").read_text())
+    cfg = json.loads((trained_run.model_dir / "config.json").read_text())
+    assert cfg["calibration"]["temperature"] == m["calibration"]["temperature"] > 0
+    assert {"val_ece_before", "val_ece_after"} <= set(m["calibration"])

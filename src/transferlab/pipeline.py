@@ -25,6 +25,7 @@ from .data.scan import Dataset, Sample, Skipped, scan
 from .data.split import split_dataset, write_skipped_csv, write_split_csv
 from .data.transforms import AUGMENT_PRESETS, TrainTransform
 from .errors import ConfigError, DataError
+from .evaluation.calibration import apply_temperature, expected_calibration_error, fit_temperature
 from .evaluation.metrics import softmax
 from .evaluation.outputs import SplitResult, write_run_outputs
 from .features.cache import FeatureCache
@@ -331,11 +332,25 @@ def _evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[st
     return out
 
 
+def _calibrate(results: dict[str, SplitResult]) -> dict[str, Any]:
+    """Fit temperature scaling on the validation split and apply it to val and test in place."""
+    val = results.get("val")
+    if val is None or len(val.y_true) < 2:
+        return {"temperature": 1.0, "fitted_on": None}
+    before = expected_calibration_error(val.probs, val.y_true)
+    t = fit_temperature(val.probs, val.y_true)
+    for res in results.values():
+        res.probs = apply_temperature(res.probs, t)
+    after = expected_calibration_error(val.probs, val.y_true)
+    return {"temperature": t, "fitted_on": "val", "val_ece_before": before, "val_ece_after": after}
+
+
 def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, model: Classifier,
             results: dict[str, SplitResult], history: History, skipped: list[Skipped], stats: dict[str, Any],
             ft: FinetuneResult | None, ft_s: float, t_start: float) -> RunResult:
     write_split_csv(ds.samples, run / "split.csv")
     write_skipped_csv(skipped, run / "skipped.csv")
+    calibration = _calibrate(results)
     n_images = {s: int(sum(1 for x in ds.samples if x.split == s)) for s in ("train", "val", "test")}
     train_s = stats["head_s"] + ft_s
     total_s = time.perf_counter() - t_start
@@ -358,14 +373,15 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
                                 history=history.rows, summary=summary, counts=ds.counts(),
                                 skipped=[(k.path, k.reason) for k in skipped], warnings=warnings,
                                 extra_metrics={"timing": timing, "backbone": info.name, "n_images": n_images,
-                                               "mode": cfg.mode, "stopped_by_time": bool(ft and ft.stopped_by_time)},
+                                               "mode": cfg.mode, "stopped_by_time": bool(ft and ft.stopped_by_time),
+                                               "calibration": calibration},
                                 title=f"transferlab: {Path(data).name}", top_k=cfg.top_k)
     model_cfg = {
         "classes": ds.classes,
         "backbone": info.to_dict(),
         "preprocessing": info.preprocessing.to_dict(),
         "head": {"in_features": info.num_features, "hidden": list(cfg.head), "dropout": cfg.dropout},
-        "calibration": {"temperature": 1.0},
+        "calibration": calibration,
         "training": {"mode": cfg.mode, "config": _jsonable(asdict(cfg)), "n_images": n_images,
                      "head_epochs": stats.get("epochs_run"), "finetune_epochs": ft.epochs_run if ft else 0,
                      "data": str(Path(data).resolve()), "split_csv": str((run / "split.csv").resolve())},

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from .artifacts import load_artifact
 from .backbones.models import Classifier
 from .data.images import is_image_path, to_rgb
-from .data.loader import ImageFiles, collate_images
+from .data.loader import ImageFiles, collate_images, worker_init
 from .data.transforms import EvalTransform, Preprocessing
 from .evaluation.metrics import softmax
 from .runtime import autocast, pick_device, prepare_model, to_device_batch
@@ -98,9 +98,13 @@ class Predictor:
         todo = [i for i in path_idx if errors[i] is None]
         if todo:
             files = ImageFiles([str(inputs[i]) for i in todo], self.transform)
-            workers = self.workers if len(todo) > self.batch_size else 0
-            loader = DataLoader(files, batch_size=self.batch_size, num_workers=workers, collate_fn=collate_images)
-            for x, idx, _, bad in loader:
+            if self.workers and len(todo) > self.batch_size:
+                batches: Iterable = DataLoader(files, batch_size=self.batch_size, num_workers=self.workers,
+                                               collate_fn=collate_images, worker_init_fn=worker_init)
+            else:  # in-process: no loader start-up cost on the single-image path
+                batches = (collate_images([files[j] for j in range(s, min(s + self.batch_size, len(files)))])
+                           for s in range(0, len(files), self.batch_size))
+            for x, idx, _, bad in batches:
                 for j, reason in bad:
                     errors[todo[j]] = reason
                 if len(idx):

@@ -10,7 +10,12 @@ from torch.utils.data import Dataset as TorchDataset
 from ..errors import ImageError
 from .images import load_image
 
-__all__ = ["ImageFiles", "collate_images"]
+__all__ = ["ImageFiles", "collate_images", "worker_init"]
+
+
+def worker_init(_: int) -> None:
+    """Decoding workers use one thread each, leaving the cores to the forward pass."""
+    torch.set_num_threads(1)
 
 
 class ImageFiles(TorchDataset):

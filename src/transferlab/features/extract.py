@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from .._io import file_digest
 from .._progress import progress_bar
 from ..backbones.models import BackboneInfo, FeatureBackbone, Normalize
-from ..data.loader import ImageFiles, collate_images
+from ..data.loader import ImageFiles, collate_images, worker_init
 from ..data.transforms import EvalTransform
 from ..runtime import autocast, pick_device, prepare_model, to_device_batch
 from .cache import CacheNamespace, FeatureCache
@@ -127,7 +127,7 @@ class FeatureExtractor:
         workers = self.workers if len(todo) > self.batch_size else 0
         loader = DataLoader(files, batch_size=self.batch_size, shuffle=False, num_workers=workers,
                             collate_fn=collate_images, prefetch_factor=4 if workers else None,
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=worker_init if workers else None)
         with progress_bar(description, len(todo), self.quiet) as bar:
             for x, idx, _, bad in loader:
                 for j, reason in bad:

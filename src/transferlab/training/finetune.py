@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..backbones.models import Classifier, SimpleCNN
-from ..data.loader import ImageFiles
+from ..data.loader import ImageFiles, worker_init
 from ..data.transforms import EvalTransform, TrainTransform
 from ..runtime import cpu_has_bf16
 from .callbacks import BestWeights, History
@@ -281,7 +281,8 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
         weights = (1.0 / counts[ytr])
     train_ds = _TrainFiles(list(train_paths), train_tf, ytr.tolist(), cfg.seed)
     sampler = EpochSeededSampler(len(train_ds), cfg.seed, weights)
-    loader_kw: dict[str, Any] = {"num_workers": cfg.workers, "persistent_workers": False}
+    loader_kw: dict[str, Any] = {"num_workers": cfg.workers, "persistent_workers": False,
+                                 "worker_init_fn": worker_init if cfg.workers else None}
     if cfg.workers:
         loader_kw["prefetch_factor"] = 4
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=_collate_xy,

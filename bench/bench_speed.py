@@ -1,0 +1,153 @@
+"""Side-by-side throughput: the naive pipeline against transferlab's, on the same images, in one run.
+
+    python bench/bench_speed.py [--large 48] [--small 512] [--backbone efficientnet_lite0]
+
+Prints images/s for each path and the ratios the speed targets are stated in. Not part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _images import large_jpegs, small_pngs  # noqa: E402
+
+from transferlab.backbones import Normalize, create_backbone  # noqa: E402
+from transferlab.features import FeatureExtractor  # noqa: E402
+from transferlab.runtime import cpu_has_bf16  # noqa: E402
+
+
+def naive_extract(paths, backbone, info, batch_size=64) -> float:
+    """PIL decode + timm transform + fp32 NCHW forward, one process (what the seed projects do)."""
+    import timm.data
+    from PIL import Image
+
+    pre = info.preprocessing
+    tf = timm.data.create_transform(input_size=(3, pre.size, pre.size), crop_pct=pre.crop_pct,
+                                    interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
+    model = backbone.eval()
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(paths), batch_size):
+            x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[i:i + batch_size]])
+            model(x)
+    return len(paths) / (time.perf_counter() - t)
+
+
+def ours_extract(paths, backbone, info, batch_size=64) -> tuple[float, np.ndarray]:
+    ex = FeatureExtractor(backbone, info, batch_size=batch_size, quiet=True)
+    t = time.perf_counter()
+    res = ex.extract(paths, cache=None)
+    return len(paths) / (time.perf_counter() - t), res.features
+
+
+def ceiling(backbone, info, batch_size=64, reps=3) -> float:
+    """Forward only, random pixels, channels_last + bf16 autocast where supported."""
+    net = torch.nn.Sequential(Normalize(info.preprocessing.mean, info.preprocessing.std), backbone).eval()
+    net = net.to(memory_format=torch.channels_last)
+    s = info.preprocessing.size
+    x = torch.randint(0, 256, (batch_size, 3, s, s), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_has_bf16() else torch.autocast("cpu", enabled=False)
+    with torch.inference_mode(), ctx:
+        net(x)
+        t = time.perf_counter()
+        for _ in range(reps):
+            net(x)
+    return reps * batch_size / (time.perf_counter() - t)
+
+
+def train_step_rate(name: str, fast: bool, batch_size=32, steps=4) -> float:
+    """Images/s of a full fine-tuning step (forward, backward, AdamW) on random pixels."""
+    bb, info = create_backbone(name)
+    head = torch.nn.Linear(info.num_features, 10)
+    model = torch.nn.Sequential(Normalize(info.preprocessing.mean, info.preprocessing.std), bb, head).train()
+    s = info.preprocessing.size
+    x = torch.randint(0, 256, (batch_size, 3, s, s), dtype=torch.uint8)
+    y = torch.randint(0, 10, (batch_size,))
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if fast and cpu_has_bf16() else (
+        lambda: torch.autocast("cpu", enabled=False))
+
+    def step():
+        with ctx():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch_size / (time.perf_counter() - t)
+
+
+def predict_latency(paths, backbone_name: str, reps: int = 50) -> tuple[float, float]:
+    """Warm single-image latency (ms) through the Predictor that `transferlab predict` uses."""
+    from transferlab.artifacts import save_artifact
+    from transferlab.backbones import Classifier, build_head
+    from transferlab.predict import load_model
+
+    bb, info = create_backbone(backbone_name)
+    model = Classifier(bb, build_head(info.num_features, 10), info.preprocessing)
+    with tempfile.TemporaryDirectory() as d:
+        save_artifact(Path(d) / "m", model, {"classes": [str(i) for i in range(10)], "backbone": info.to_dict(),
+                                             "preprocessing": info.preprocessing.to_dict(),
+                                             "head": {"in_features": info.num_features, "hidden": [], "dropout": 0}})
+        pred = load_model(Path(d) / "m")
+        for p in paths[:5]:
+            pred.predict([p])
+        times = []
+        for i in range(reps):
+            t = time.perf_counter()
+            pred.predict([paths[i % len(paths)]])
+            times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times), float(np.percentile(times, 95))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--large", type=int, default=48)
+    ap.add_argument("--small", type=int, default=512)
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "transferlab-bench"))
+    args = ap.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    root = Path(args.dir)
+    large = large_jpegs(root / "large", args.large)
+    small = small_pngs(root / "small", args.small)
+    bb, info = create_backbone(args.backbone)
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"native bf16: {cpu_has_bf16()}; backbone {args.backbone} at {info.preprocessing.size}px")
+    rows = []
+    ceil = ceiling(bb, info)
+    for label, paths in (("large JPEG 3000x2000", large), ("small PNG 128x128", small)):
+        naive = naive_extract(paths, bb, info)
+        ours, _ = ours_extract(paths, bb, info)
+        rows.append((label, naive, ours))
+    print(f"\n{'feature extraction':<24}{'naive img/s':>12}{'ours img/s':>12}{'ratio':>8}")
+    for label, naive, ours in rows:
+        print(f"{label:<24}{naive:>12.1f}{ours:>12.1f}{ours / naive:>7.2f}x")
+    print(f"model-only ceiling (bf16 channels_last, random pixels): {ceil:.1f} img/s; "
+          f"small PNG extraction at {100 * rows[1][2] / ceil:.0f}% of it")
+    naive_t, ours_t = train_step_rate(args.backbone, False), train_step_rate(args.backbone, True)
+    print(f"\nfine-tuning step (batch 32): naive fp32 NCHW {naive_t:.1f} img/s, ours {ours_t:.1f} img/s, "
+          f"ratio {ours_t / naive_t:.2f}x")
+    med, p95 = predict_latency(small, args.backbone)
+    print(f"\nwarm single-image predict ({args.backbone}): median {med:.1f} ms, p95 {p95:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
