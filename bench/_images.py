@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry")
+PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "retina", "hubble_deep_field", "immunohistochemistry", "camera")
 
 
 def _photo(name: str) -> np.ndarray:

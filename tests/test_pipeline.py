@@ -14,7 +14,8 @@ import pytest
 from transferlab.artifacts import load_artifact
 from transferlab.errors import ArtifactError
 from transferlab.features import FeatureCache, FeatureExtractor
-from transferlab.pipeline import evaluate, train
+from transferlab.evaluate import evaluate
+from transferlab.pipeline import train
 from transferlab.predict import load_model
 
 from .conftest import photo_crops

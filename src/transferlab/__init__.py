@@ -11,10 +11,14 @@ __all__ = ["__version__", "TransferlabError", "DataError", "ImageError", "Weight
 
 
 def __getattr__(name: str):  # lazy: `import transferlab` stays fast, torch loads on first use
-    if name in ("train", "evaluate", "TrainConfig"):
+    if name in ("train", "TrainConfig"):
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "evaluate":
+        from .evaluate import evaluate
+
+        return evaluate
     if name == "load_model":
         from .predict import load_model
 

@@ -215,7 +215,7 @@ def evaluate_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/mo
                  split: Optional[str] = typer.Option(None, "--split", help="Only this split of pre-split data."),
                  quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Metrics, plots and report for a saved model on a labelled folder."""
-    from .pipeline import evaluate
+    from .evaluate import evaluate
 
     _setup_logging(quiet)
     metrics = evaluate(model, data, out_dir, split=split, quiet=quiet)
@@ -230,13 +230,19 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
             paths: list[Path] = typer.Argument(..., help="Image files or folders."),
             top_k: int = typer.Option(3, "--top-k", "-k"),
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write .csv or .json."),
+            threshold: Optional[float] = typer.Option(None, "--threshold", help="Label 'unknown' below this top probability."),
+            tta: bool = typer.Option(False, "--tta", help="Average the image and its mirror."),
+            no_calibration: bool = typer.Option(False, "--no-calibration", help="Ignore the fitted temperature."),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Predict labels for image files and folders (unreadable files are reported, not fatal)."""
     from .predict import expand_paths, load_model
     from .reporting import write_predictions
 
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise typer.BadParameter(f"--threshold {threshold}: expected a probability between 0 and 1")
     predictor = load_model(model)
-    results = predictor.predict(expand_paths(paths), top_k=top_k)
+    results = predictor.predict(expand_paths(paths), top_k=top_k, threshold=threshold, tta=tta,
+                                calibrated=not no_calibration)
     if output is not None:
         write_predictions(results, output)
     if as_json:
@@ -302,6 +308,35 @@ def compare_cmd(data: Path = typer.Argument(..., help="Labelled folder or manife
                           str(r["latency_ms"]), str(r["params_m"]), str(r["artifact_mb"]))
     out.print(table)
     out.print(f"wrote {out_dir}/compare.csv and {out_dir}/compare.html")
+
+
+@app.command()
+def explain(model: Path = typer.Argument(..., help="Model directory."), image: Path = typer.Argument(...),
+            out_path: Path = typer.Option(Path("heat.png"), "--out"),
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """Write the Grad-CAM overlay of where the network looked for its prediction."""
+    from .explain import explain as run_explain
+
+    res = run_explain(model, image, out_path)
+    if as_json:
+        _print_json(res)
+    else:
+        out.print(f"{image}: {res['label']} ({res['probability']:.3f}); heat map -> {out_path}")
+
+
+@app.command()
+def summary(model: Path = typer.Argument(..., help="Model directory."), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Backbone, stages, parameters, input size, classes and training summary of a saved model."""
+    from .explain import model_summary
+
+    info = model_summary(model)
+    if as_json:
+        _print_json(info)
+        return
+    table = Table("item", "value", title=f"model {model}")
+    for k, v in info.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    out.print(table)
 
 
 @cache_app.command("info")

@@ -28,6 +28,7 @@ from .errors import ConfigError, DataError
 from .evaluation.calibration import apply_temperature, expected_calibration_error, fit_temperature
 from .evaluation.metrics import softmax
 from .evaluation.outputs import SplitResult, write_run_outputs
+from .evaluation.sections import report_sections
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor, default_workers
 from .predict import Predictor, load_model
@@ -35,7 +36,7 @@ from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
 from .training.head import HeadConfig, balanced_class_weights, fit_head
 
-__all__ = ["TrainConfig", "RunResult", "train", "evaluate", "default_run_dir"]
+__all__ = ["TrainConfig", "RunResult", "train", "default_run_dir"]
 
 log = logging.getLogger("transferlab")
 
@@ -332,17 +333,19 @@ def _evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[st
     return out
 
 
-def _calibrate(results: dict[str, SplitResult]) -> dict[str, Any]:
-    """Fit temperature scaling on the validation split and apply it to val and test in place."""
+def _calibrate(results: dict[str, SplitResult]) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Fit temperature scaling on the validation split and apply it to val and test in place; returns
+    the calibration record and the validation probabilities before scaling."""
     val = results.get("val")
     if val is None or len(val.y_true) < 2:
-        return {"temperature": 1.0, "fitted_on": None}
+        return {"temperature": 1.0, "fitted_on": None}, None
+    val_before = val.probs.copy()
     before = expected_calibration_error(val.probs, val.y_true)
     t = fit_temperature(val.probs, val.y_true)
     for res in results.values():
         res.probs = apply_temperature(res.probs, t)
     after = expected_calibration_error(val.probs, val.y_true)
-    return {"temperature": t, "fitted_on": "val", "val_ece_before": before, "val_ece_after": after}
+    return {"temperature": t, "fitted_on": "val", "val_ece_before": before, "val_ece_after": after}, val_before
 
 
 def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, model: Classifier,
@@ -350,7 +353,9 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
             ft: FinetuneResult | None, ft_s: float, t_start: float) -> RunResult:
     write_split_csv(ds.samples, run / "split.csv")
     write_skipped_csv(skipped, run / "skipped.csv")
-    calibration = _calibrate(results)
+    calibration, val_before = _calibrate(results)
+    sections, extra = report_sections(model, ds.classes, results.get("test"), results.get("val"), calibration,
+                                      val_before, seed=cfg.seed)
     n_images = {s: int(sum(1 for x in ds.samples if x.split == s)) for s in ("train", "val", "test")}
     train_s = stats["head_s"] + ft_s
     total_s = time.perf_counter() - t_start
@@ -374,7 +379,8 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
                                 skipped=[(k.path, k.reason) for k in skipped], warnings=warnings,
                                 extra_metrics={"timing": timing, "backbone": info.name, "n_images": n_images,
                                                "mode": cfg.mode, "stopped_by_time": bool(ft and ft.stopped_by_time),
-                                               "calibration": calibration},
+                                               "calibration": calibration, **extra},
+                                extra_sections=sections,
                                 title=f"transferlab: {Path(data).name}", top_k=cfg.top_k)
     model_cfg = {
         "classes": ds.classes,
@@ -395,40 +401,3 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
-             *, split: str | None = None, quiet: bool = False, workers: int | None = None) -> dict[str, Any]:
-    """Evaluate a saved model on a labelled folder (every image, or only ``split`` of a pre-split one)
-    and write metrics.json, plots, predictions.csv and report.html into ``out``."""
-    predictor = load_model(model)
-    ds = scan(data)
-    samples = [s for s in ds.samples if split is None or s.split == split]
-    unknown = sorted({s.label for s in samples} - set(predictor.classes))
-    if unknown:
-        raise DataError(f"class(es) {', '.join(map(repr, unknown))} in '{data}' are not classes of this model "
-                        f"({', '.join(predictor.classes)}).")
-    predictor.workers = default_workers() if workers is None else workers
-    t0 = time.perf_counter()
-    probs, errors = predictor.predict_proba([s.path for s in samples])
-    skipped = list(ds.skipped) + [Skipped(s.path, e) for s, e in zip(samples, errors) if e]
-    ok = [i for i, e in enumerate(errors) if e is None]
-    index = {c: i for i, c in enumerate(predictor.classes)}
-    res = SplitResult([index[samples[i].label] for i in ok], probs[ok], [samples[i].path for i in ok])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_skipped_csv(skipped, out / "skipped.csv")
-    counts: dict[str, dict[str, int]] = {c: {} for c in predictor.classes}
-    for i in ok:
-        s = samples[i]
-        counts[s.label][s.split or "all"] = counts[s.label].get(s.split or "all", 0) + 1
-    cfg = predictor.config
-    summary = {"model": str(Path(model).resolve()), "data": str(Path(data).resolve()),
-               "backbone": cfg["backbone"].get("name"), "images evaluated": len(ok),
-               "evaluate (s)": f"{time.perf_counter() - t0:.1f}"}
-    return write_run_outputs(out, labels=predictor.classes, test=res, val=None, history=[], summary=summary,
-                             counts=counts, skipped=[(k.path, k.reason) for k in skipped],
-                             extra_metrics={"backbone": cfg["backbone"].get("name"),
-                                            "n_images": {"test": len(ok)},
-                                            "timing": {"total_s": round(time.perf_counter() - t0, 4)}},
-                             title=f"transferlab evaluation: {Path(data).name}")

@@ -18,7 +18,7 @@ from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
 from .data.transforms import EvalTransform, Preprocessing
 from .evaluation.metrics import softmax
-from .runtime import autocast, pick_device, prepare_model, to_device_batch
+from .runtime import FrozenGraph, autocast, pick_device, prepare_model, to_device_batch
 
 __all__ = ["Predictor", "Prediction", "load_model", "expand_paths"]
 
@@ -75,6 +75,8 @@ class Predictor:
         self.mixed_precision = mixed_precision
         self.batch_size, self.workers = batch_size, workers
         self.model = prepare_model(model.eval(), self.device)
+        self.graph = FrozenGraph(torch.nn.Sequential(self.model.normalize, self.model.backbone), self.device,
+                                 mixed_precision)
         self.transform = EvalTransform(self.preprocessing)
 
     @torch.inference_mode()
@@ -82,11 +84,21 @@ class Predictor:
         """Logits (float32) of a uint8 NCHW batch."""
         x = to_device_batch(batch, self.device)
         with autocast(self.device, self.mixed_precision):
-            feats = self.model.features(x)
+            feats = self.graph(x)
         return self.model.head(feats.float()).float().cpu().numpy()
 
-    def predict_proba(self, inputs: Sequence[ImageInput], calibrated: bool = True) -> tuple[np.ndarray, list[str | None]]:
-        """Probabilities ``(n, classes)`` and one error message (or None) per input; failed rows are NaN."""
+    def _probs(self, batch: torch.Tensor, temperature: float, tta: bool) -> np.ndarray:
+        p = softmax(self.logits(batch), temperature)
+        if tta:  # average with the mirror image
+            p = (p + softmax(self.logits(batch.flip(-1)), temperature)) / 2
+        return p
+
+    def predict_proba(self, inputs: Sequence[ImageInput], calibrated: bool = True,
+                      tta: bool = False) -> tuple[np.ndarray, list[str | None]]:
+        """Probabilities ``(n, classes)`` and one error message (or None) per input; failed rows are NaN.
+
+        ``calibrated`` applies the stored temperature (default True); ``tta`` averages the image and its
+        mirror (default False)."""
         probs = np.full((len(inputs), len(self.classes)), np.nan)
         errors: list[str | None] = [None] * len(inputs)
         temperature = self.temperature if calibrated else 1.0
@@ -109,7 +121,7 @@ class Predictor:
                     errors[todo[j]] = reason
                 if len(idx):
                     rows = [todo[j] for j in idx.tolist()]
-                    probs[rows] = softmax(self.logits(x), temperature)
+                    probs[rows] = self._probs(x, temperature, tta)
         if mem_idx:
             tensors = []
             for i in mem_idx:
@@ -119,14 +131,14 @@ class Predictor:
                 tensors.append(self.transform(to_rgb(img)))
             for s in range(0, len(tensors), self.batch_size):
                 rows = mem_idx[s:s + self.batch_size]
-                probs[rows] = softmax(self.logits(torch.stack(tensors[s:s + self.batch_size])), temperature)
+                probs[rows] = self._probs(torch.stack(tensors[s:s + self.batch_size]), temperature, tta)
         return probs, errors
 
     def predict(self, inputs: Sequence[ImageInput], top_k: int = 5, threshold: float | None = None,
-                calibrated: bool = True) -> list[Prediction]:
+                calibrated: bool = True, tta: bool = False) -> list[Prediction]:
         """Top-k predictions per input; with ``threshold``, a top probability below it is labelled
         ``unknown`` (the top-k list is kept)."""
-        probs, errors = self.predict_proba(inputs, calibrated=calibrated)
+        probs, errors = self.predict_proba(inputs, calibrated=calibrated, tta=tta)
         k = max(1, min(top_k, len(self.classes)))
         out = []
         for i, x in enumerate(inputs):

@@ -78,8 +78,21 @@ class FeatureBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cut_stage is None:
             return self.model(x)
-        fmap = self.model.forward_intermediates(x, indices=[self.cut_stage - 1], intermediates_only=True)[0]
-        return fmap.mean(dim=(2, 3))
+        return self.pool(self.feature_map(x))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last spatial feature map (N, C, H, W) before pooling (what Grad-CAM looks at)."""
+        if self.cut_stage is not None:
+            return self.model.forward_intermediates(x, indices=[self.cut_stage - 1], intermediates_only=True)[0]
+        if isinstance(self.model, SimpleCNN):
+            return self.model.stages(x)
+        return self.model.forward_features(x)
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Feature map -> the pooled feature vector that ``forward`` returns."""
+        if self.cut_stage is not None or isinstance(self.model, SimpleCNN):
+            return fmap.mean(dim=(2, 3))
+        return self.model.forward_head(fmap, pre_logits=True)
 
 
 def stage_count(model: nn.Module) -> int:

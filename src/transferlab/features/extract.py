@@ -22,7 +22,7 @@ from .._progress import progress_bar
 from ..backbones.models import BackboneInfo, FeatureBackbone, Normalize
 from ..data.loader import ImageFiles, collate_images, worker_init
 from ..data.transforms import EvalTransform
-from ..runtime import autocast, pick_device, prepare_model, to_device_batch
+from ..runtime import FrozenGraph, autocast, pick_device, prepare_model, to_device_batch
 from .cache import CacheNamespace, FeatureCache
 
 __all__ = ["Extraction", "FeatureExtractor", "default_workers"]
@@ -72,6 +72,7 @@ class FeatureExtractor:
         self.quiet = quiet
         pre = info.preprocessing
         self.net = prepare_model(nn.Sequential(Normalize(pre.mean, pre.std), backbone).eval(), self.device)
+        self.graph = FrozenGraph(self.net, self.device, mixed_precision)
         self.images_forwarded = 0
 
     def description(self, view: str = "eval") -> dict:
@@ -86,7 +87,7 @@ class FeatureExtractor:
         """Features (float32 numpy) of a uint8 NCHW batch."""
         x = to_device_batch(batch, self.device)
         with autocast(self.device, self.mixed_precision):
-            f = self.net(x)
+            f = self.graph(x)
         self.images_forwarded += int(batch.shape[0])
         return f.float().cpu().numpy()
 
