@@ -339,6 +339,36 @@ def summary(model: Path = typer.Argument(..., help="Model directory."), as_json:
     out.print(table)
 
 
+@app.command()
+def serve(model: Path = typer.Argument(..., help="Model directory or exported .onnx file."),
+          host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 exposes the service to the network."),
+          port: int = typer.Option(8000, "--port"), workers: int = typer.Option(1, "--workers"),
+          max_bytes: int = typer.Option(20 * 1024 * 1024, "--max-bytes", help="Largest request body."),
+          max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (decompression bombs).")) -> None:
+    """HTTP API (POST /predict, GET /health, /labels, /docs) and a web page at /."""
+    from .service.app import serve as run_service
+
+    run_service(model, host=host, port=port, workers=workers, max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+@app.command("export")
+def export_cmd(model: Path = typer.Argument(..., help="Model directory."),
+               fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
+               int8: bool = typer.Option(False, "--int8", help="ONNX Runtime static int8 quantization."),
+               out_path: Optional[Path] = typer.Option(None, "--out", help="Output file (default inside MODEL)."),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Export a model and check it against the original (fails if the check fails)."""
+    from .export import export_model
+
+    check = export_model(model, fmt, out_path, int8=int8)
+    if as_json:
+        _print_json(check)
+        return
+    out.print(f"[bold green]exported[/] {check['file']} ({check['bytes'] / 1e6:.1f} MB), checked on "
+              f"{check['checked_on']}: max |p - p_torch| = {check['max_abs_diff']:.2e}, top-1 agreement "
+              f"{100 * check['top1_agreement']:.1f}% ({check['criterion']}: passed)")
+
+
 @cache_app.command("info")
 def cache_info(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
                as_json: bool = typer.Option(False, "--json")) -> None:

@@ -20,7 +20,7 @@ from .data.transforms import EvalTransform, Preprocessing
 from .evaluation.metrics import softmax
 from .runtime import FrozenGraph, autocast, pick_device, prepare_model, to_device_batch
 
-__all__ = ["Predictor", "Prediction", "load_model", "expand_paths"]
+__all__ = ["Predictor", "OnnxPredictor", "Prediction", "load_model", "expand_paths"]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -156,10 +156,51 @@ class Predictor:
 
 
 def load_model(path: str | os.PathLike[str], device: str | None = None, mixed_precision: bool = True) -> Predictor:
-    """Load an artifact directory as a :class:`Predictor`.
+    """Load an artifact directory (or an ONNX file exported by transferlab) as a :class:`Predictor`.
 
     Raises:
         ArtifactError: missing files, unknown format version, or tensors that do not fit.
     """
+    if str(path).lower().endswith(".onnx"):
+        return OnnxPredictor(path)
     model, cfg = load_artifact(path)
     return Predictor(model, cfg, device=device, mixed_precision=mixed_precision)
+
+
+class OnnxPredictor(Predictor):
+    """A :class:`Predictor` over an exported ONNX file, run by ONNX Runtime on the CPU. The file
+    carries its classes, preprocessing and temperature as metadata, so it is usable alone."""
+
+    def __init__(self, path: str | os.PathLike[str], batch_size: int = 32, workers: int = 0) -> None:
+        import json
+
+        import onnxruntime as ort
+
+        from .errors import ArtifactError
+
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ArtifactError(f"cannot load ONNX model '{path}': {exc}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("transferlab_format") != "transferlab-export":
+            raise ArtifactError(f"'{path}' is not an ONNX file exported by transferlab (no metadata).")
+        self.config = {k: json.loads(v) for k, v in meta.items() if k in ("classes", "preprocessing", "backbone",
+                                                                         "calibration")}
+        self.classes = list(self.config["classes"])
+        self.preprocessing = Preprocessing.from_dict(self.config["preprocessing"])
+        self.baked_temperature = float(self.config.get("calibration", {}).get("temperature", 1.0))
+        self.temperature = self.baked_temperature
+        self.batch_size, self.workers = batch_size, workers
+        self.transform = EvalTransform(self.preprocessing)
+        self.model = None
+
+    def _probs(self, batch: torch.Tensor, temperature: float, tta: bool) -> np.ndarray:
+        def run(x: torch.Tensor) -> np.ndarray:
+            p = self.session.run(None, {"pixels": x.contiguous().numpy()})[0].astype(np.float64)
+            if temperature != self.baked_temperature:
+                p = softmax(np.log(np.clip(p, 1e-300, None)) * self.baked_temperature, temperature)
+            return p
+
+        p = run(batch)
+        return (p + run(batch.flip(-1))) / 2 if tta else p

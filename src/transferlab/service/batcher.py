@@ -1,0 +1,67 @@
+"""A request queue that batches concurrent predictions: nothing is dropped, the model sees batches."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = ["Batcher"]
+
+
+class Batcher:
+    """Collects images from concurrent requests into batches of at most ``max_batch`` and runs
+    ``predict_fn`` on them in a worker thread, one batch at a time. A request waits in the queue for as
+    long as it takes; it is answered, never dropped.
+    """
+
+    def __init__(self, predict_fn: Callable[[Sequence[Any]], np.ndarray], max_batch: int = 16,
+                 max_wait_s: float = 0.005) -> None:
+        self.predict_fn, self.max_batch, self.max_wait_s = predict_fn, max_batch, max_wait_s
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def submit(self, images: Sequence[Any]) -> np.ndarray:
+        """Probabilities for ``images`` (queued behind earlier requests)."""
+        if self._queue is None:
+            await self.start()
+        loop = asyncio.get_running_loop()
+        futures = []
+        for img in images:
+            fut = loop.create_future()
+            await self._queue.put((img, fut))  # type: ignore[union-attr]
+            futures.append(fut)
+        return np.stack(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = await self._queue.get()
+            batch = [item]
+            deadline = asyncio.get_running_loop().time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                timeout = deadline - asyncio.get_running_loop().time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                probs = await asyncio.to_thread(self.predict_fn, [img for img, _ in batch])
+                for (_, fut), p in zip(batch, probs):
+                    if not fut.done():
+                        fut.set_result(p)
+            except Exception as exc:  # the model failed: every waiting request learns why
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)

@@ -1,0 +1,72 @@
+"""Export: ONNX fp32 / int8 and TorchScript files that carry their metadata and pass their checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from transferlab.errors import ExportError
+from transferlab.export import export_model
+from transferlab.predict import load_model
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    return {
+        "onnx": export_model(trained_run.model_dir, "onnx", d / "m.onnx"),
+        "ts": export_model(trained_run.model_dir, "torchscript", d / "m.pt"),
+    }
+
+
+def test_exports_pass_their_checks(exported):
+    assert exported["onnx"]["passed"] and exported["onnx"]["max_abs_diff"] <= 1e-4
+    assert exported["ts"]["passed"] and exported["ts"]["max_abs_diff"] <= 1e-4
+    assert "test images of the model" in exported["onnx"]["checked_on"]
+    for check in exported.values():
+        stored = json.loads(open(check["file"] + ".check.json").read())
+        assert stored["max_abs_diff"] == check["max_abs_diff"]
+
+
+def test_predict_accepts_onnx_file(exported, trained_run):
+    rows = list(csv.DictReader(open(trained_run.run_dir / "predictions.csv")))[:8]
+    paths = [r["path"] for r in rows]
+    onnx = load_model(exported["onnx"]["file"])
+    torch_model = load_model(trained_run.model_dir)
+    assert onnx.classes == torch_model.classes
+    p_onnx, _ = onnx.predict_proba(paths)
+    p_torch, _ = torch_model.predict_proba(paths)
+    assert (p_onnx.argmax(1) == p_torch.argmax(1)).mean() >= 0.875  # bf16 torch path vs fp32 ONNX
+    assert np.abs(p_onnx.sum(1) - 1).max() < 1e-5
+
+
+def test_torchscript_carries_metadata(exported):
+    import torch
+
+    extra = {"transferlab.json": ""}
+    torch.jit.load(exported["ts"]["file"], _extra_files=extra)
+    meta = json.loads(extra["transferlab.json"])
+    assert json.loads(meta["classes"]) == [str(i) for i in range(10)]
+
+
+def test_int8_check_decides(trained_run, tmp_path):
+    path = tmp_path / "m.int8.onnx"
+    try:
+        check = export_model(trained_run.model_dir, "onnx", path, int8=True)
+        raised = False
+    except ExportError:
+        raised = True
+    check = json.loads(open(str(path) + ".check.json").read())
+    assert "train images" in check["calibrated_on"] and 0 <= check["top1_agreement"] <= 1
+    assert check["passed"] == (check["top1_agreement"] >= 0.99) == (not raised)
+
+
+def test_failed_check_is_an_error(trained_run, tmp_path, monkeypatch):
+    import transferlab.export as ex
+
+    monkeypatch.setattr(ex, "FP32_TOLERANCE", -1.0)
+    with pytest.raises(ExportError, match="failed its check"):
+        export_model(trained_run.model_dir, "onnx", tmp_path / "bad.onnx")
