@@ -60,6 +60,11 @@ def save_artifact(directory: str | os.PathLike[str], model: Classifier, config: 
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **config,
                 "weights_sha256": file_digest(tmp / WEIGHTS), "versions": package_versions()}
         write_json(tmp / CONFIG, full)
+        pause = float(os.environ.get("TRANSFERLAB_FAULT_SAVE_PAUSE_S", "0") or 0)
+        if pause:  # fault injection for the crash-while-saving test: a kill now must leave the old model
+            import time
+
+            time.sleep(pause)
         previous = directory.with_name(directory.name + ".previous")
         if directory.exists():
             if previous.exists():

@@ -19,6 +19,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Turn a folder of labelled images into an image classifier by transfer learning.")
 cache_app = typer.Typer(no_args_is_help=True, help="Show or free the feature cache.")
 app.add_typer(cache_app, name="cache")
+data_app = typer.Typer(no_args_is_help=True, help="Audit, split and import datasets.")
+app.add_typer(data_app, name="data")
+import_app = typer.Typer(no_args_is_help=True, help="Import datasets as class folders.")
+data_app.add_typer(import_app, name="import")
 
 out = Console()
 err = Console(stderr=True)
@@ -173,6 +177,7 @@ def train_cmd(
     strategy: str = typer.Option("auto", "--strategy", help="Lightning strategy, e.g. ddp."),
     num_nodes: int = typer.Option(1, "--num-nodes"),
     no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision (bf16 on CPU, AMP on CUDA)."),
+    dedupe: bool = typer.Option(False, "--dedupe", help="Remove exact duplicates across splits from val/test."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -190,7 +195,7 @@ def train_cmd(
                    weights=str(weights) if weights else None, allow_download=allow_download or None,
                    cache_dir=str(cache_dir) if cache_dir else None, no_cache=no_cache, workers=workers,
                    device=device, accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
-                   mixed_precision=not no_amp, quiet=quiet or as_json)
+                   mixed_precision=not no_amp, quiet=quiet or as_json, dedupe=dedupe)
     if resume is not None:
         overrides = {"quiet": quiet or as_json}
         if time_limit is not None:
@@ -367,6 +372,88 @@ def export_cmd(model: Path = typer.Argument(..., help="Model directory."),
     out.print(f"[bold green]exported[/] {check['file']} ({check['bytes'] / 1e6:.1f} MB), checked on "
               f"{check['checked_on']}: max |p - p_torch| = {check['max_abs_diff']:.2e}, top-1 agreement "
               f"{100 * check['top1_agreement']:.1f}% ({check['criterion']}: passed)")
+
+
+@data_app.command("check")
+def data_check(data: Path = typer.Argument(..., help="Labelled folder or manifest."),
+               near: bool = typer.Option(True, "--near/--no-near", help="Near-duplicates from backbone features."),
+               threshold: float = typer.Option(0.97, "--threshold", help="Cosine similarity for near-duplicates."),
+               backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+               cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
+               quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Audit a dataset: counts, unreadable and converted files, duplicates, leakage, imbalance."""
+    from .tools import check_dataset
+
+    _setup_logging(quiet)
+    rep = check_dataset(data, near=near, backbone=backbone, threshold=threshold,
+                        cache_dir=str(cache_dir) if cache_dir else None, quiet=quiet or as_json)
+    if as_json:
+        _print_json(rep.to_dict())
+        return
+    splits = sorted({s for c in rep.counts.values() for s in c})
+    table = Table("class", *splits, "total", title=f"dataset {data}")
+    for name, c in rep.counts.items():
+        table.add_row(name, *(str(c.get(s, 0)) for s in splits), str(sum(c.values())))
+    out.print(table)
+    for title, rows, fmt in (("unreadable files", rep.unreadable, lambda r: f"{r['path']}: {r['reason']}"),
+                             ("converted on load", rep.converted, lambda r: f"{r['path']}: {'; '.join(r['conversions'])}"),
+                             ("very small images", rep.small, lambda r: f"{r['path']}: {r['size'][0]}x{r['size'][1]}"),
+                             ("exact duplicates", rep.exact_duplicates,
+                              lambda g: f"[{g['kind']}] " + ", ".join(f"{f['path']} ({f['label']}/{f['split']})" for f in g["files"])),
+                             ("near-duplicates", rep.near_duplicates,
+                              lambda g: f"[{g['kind']}, {g['similarity']:.3f}] " + ", ".join(f"{f['path']} ({f['label']}/{f['split']})" for f in g["files"]))):
+        out.print(f"[bold]{title}[/]: {len(rows)}")
+        for r in rows[:20]:
+            out.print("  " + fmt(r), highlight=False, markup=False)
+        if len(rows) > 20:
+            out.print(f"  ... and {len(rows) - 20} more (--json for all)")
+    out.print(f"[bold]imbalance[/]: largest/smallest class = {rep.imbalance.get('ratio')}")
+    for w in rep.warnings:
+        err.print(f"[yellow]warning[/]: {w}")
+
+
+@data_app.command("split")
+def data_split(data: Path = typer.Argument(...), out_path: Path = typer.Option(Path("split.csv"), "--out"),
+               val: float = typer.Option(0.15, "--val"), test: float = typer.Option(0.15, "--test"),
+               seed: int = typer.Option(0, "--seed")) -> None:
+    """Write the stratified, seeded split of a dataset as split.csv (path,label,split)."""
+    from .data.scan import scan as scan_data
+    from .data.split import split_dataset, write_split_csv
+
+    ds = split_dataset(scan_data(data), val, test, seed)
+    write_split_csv(ds.samples, out_path)
+    n = {s: sum(1 for x in ds.samples if x.split == s) for s in ("train", "val", "test")}
+    out.print(f"wrote {out_path}: {n['train']} train, {n['val']} val, {n['test']} test; {len(ds.skipped)} skipped")
+
+
+@import_app.command("cifar10")
+def import_cifar10(source: str = typer.Argument(..., help="cifar-10-python.tar.gz"), out_dir: Path = typer.Option(..., "--out"),
+                   allow_download: bool = typer.Option(False, "--allow-download")) -> None:
+    """CIFAR-10 python archive -> OUT/{train,test}/<class>/*.png."""
+    _import_cifar("cifar10", source, out_dir, allow_download)
+
+
+@import_app.command("cifar100")
+def import_cifar100(source: str = typer.Argument(..., help="cifar-100-python.tar.gz"), out_dir: Path = typer.Option(..., "--out"),
+                    allow_download: bool = typer.Option(False, "--allow-download")) -> None:
+    """CIFAR-100 python archive (fine labels) -> OUT/{train,test}/<class>/*.png."""
+    _import_cifar("cifar100", source, out_dir, allow_download)
+
+
+def _import_cifar(kind: str, source: str, out_dir: Path, allow_download: bool) -> None:
+    from .data.imports import import_cifar
+
+    counts = import_cifar(kind, source, out_dir, allow_download=allow_download)
+    out.print(f"wrote {kind} to {out_dir}: {counts}")
+
+
+@import_app.command("csv")
+def import_csv(manifest: Path = typer.Argument(..., help="path,label[,split] CSV"), out_dir: Path = typer.Option(..., "--out")) -> None:
+    """Copy the images of a CSV manifest into class folders."""
+    from .data.imports import import_manifest
+
+    res = import_manifest(manifest, out_dir)
+    out.print(f"copied {res['copied']} images into {out_dir}; {res['skipped']} skipped")
 
 
 @cache_app.command("info")

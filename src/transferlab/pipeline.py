@@ -21,6 +21,7 @@ import torch
 from ._io import write_json
 from .artifacts import save_artifact
 from .backbones.models import Classifier, build_head, create_backbone
+from .data.audit import audit, dedupe_across_splits
 from .data.scan import Dataset, Sample, Skipped, scan
 from .data.split import split_dataset, write_skipped_csv, write_split_csv
 from .data.transforms import AUGMENT_PRESETS, TrainTransform
@@ -102,6 +103,7 @@ class TrainConfig:
     mixed_precision: bool = True
     quiet: bool = False
     top_k: tuple[int, ...] = (1, 3, 5)
+    dedupe: bool = False
 
     def validate(self) -> "TrainConfig":
         """Check values; raises :class:`ConfigError` quoting the bad value."""
@@ -269,6 +271,13 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     deadline = wall_start + cfg.time_limit if cfg.time_limit else None
     ds = split_dataset(scan(data), cfg.val, cfg.test, cfg.seed)
     skipped = list(ds.skipped)
+    report = audit(ds)  # the cheap part: exact duplicates, leakage, imbalance
+    if cfg.dedupe:
+        kept, removed = dedupe_across_splits(ds.samples, report.exact_duplicates)
+        ds, skipped = replace(ds, samples=kept), skipped + removed
+        report = audit(ds)
+    for w in report.warnings:
+        log.warning(w)
     if not resume:
         write_json(run / "train_config.json", {"data": str(Path(data).resolve()), "config": _jsonable(asdict(cfg))})
     write_split_csv(ds.samples, run / "split.csv")
@@ -314,7 +323,8 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         model = ft.model
         results = _evaluate_files(model, ds, cfg)
     ft_s = time.perf_counter() - t_ft if use_ft else 0.0
-    return _finish(run, data, ds, cfg, info, model, results, history, skipped, stats, ft, ft_s, t_start)
+    return _finish(run, data, ds, cfg, info, model, results, history, skipped, stats, ft, ft_s, t_start,
+                   report.warnings)
 
 
 def _evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[str, SplitResult]:
@@ -350,7 +360,7 @@ def _calibrate(results: dict[str, SplitResult]) -> tuple[dict[str, Any], np.ndar
 
 def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, model: Classifier,
             results: dict[str, SplitResult], history: History, skipped: list[Skipped], stats: dict[str, Any],
-            ft: FinetuneResult | None, ft_s: float, t_start: float) -> RunResult:
+            ft: FinetuneResult | None, ft_s: float, t_start: float, audit_warnings: Sequence[str] = ()) -> RunResult:
     write_split_csv(ds.samples, run / "split.csv")
     write_skipped_csv(skipped, run / "skipped.csv")
     calibration, val_before = _calibrate(results)
@@ -362,7 +372,7 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
     timing = {"extract_s": round(stats["extract_s"], 4), "train_s": round(train_s, 4), "total_s": round(total_s, 4),
               "head_s": round(stats["head_s"], 4), "finetune_s": round(ft_s, 4),
               "features_computed": stats["features_computed"], "features_cached": stats["features_cached"]}
-    warnings = []
+    warnings = list(audit_warnings)
     if ft is not None and ft.stopped_by_time:
         warnings.append(f"training stopped by the time limit ({cfg.time_limit:g}s) after {ft.epochs_run} "
                         "fine-tuning epoch(s); the best model so far was evaluated and saved.")

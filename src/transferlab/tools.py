@@ -1,4 +1,4 @@
-"""Helpers behind smaller commands (lr-find) that combine the data, feature and training layers."""
+"""Helpers behind smaller commands (lr-find, data check) that combine the data, feature and training layers."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from .backbones.models import create_backbone
-from .data.scan import scan
+from .data.scan import Skipped, scan
 from .data.split import split_dataset
 from .evaluation.plots import lr_find_png
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor
 from .training.lr_find import LRFindResult, lr_find_head
 
-__all__ = ["lr_find"]
+__all__ = ["lr_find", "check_dataset"]
 
 
 def lr_find(data: str | os.PathLike[str], out: str | os.PathLike[str], *, backbone: str = "efficientnet_lite0",
@@ -32,3 +32,19 @@ def lr_find(data: str | os.PathLike[str], out: str | os.PathLike[str], *, backbo
     out.mkdir(parents=True, exist_ok=True)
     (out / "lr_find.png").write_bytes(lr_find_png(res.lrs, res.losses, res.suggestion))
     return res
+
+
+def check_dataset(data: str | os.PathLike[str], *, near: bool = True, backbone: str = "efficientnet_lite0",
+                  threshold: float = 0.97, seed: int = 0, cache_dir: str | None = None, quiet: bool = False):
+    """Audit ``data`` (see :func:`transferlab.data.audit.audit`); near-duplicates use cached features."""
+    from .data.audit import audit
+
+    ds = split_dataset(scan(data), seed=seed)
+    feats = None
+    if near and ds.samples:
+        bb, info = create_backbone(backbone)
+        ext = FeatureExtractor(bb, info, quiet=quiet).extract([s.path for s in ds.samples], FeatureCache(cache_dir))
+        feats = ext.features
+        for i, reason in ext.errors.items():
+            ds.skipped.append(Skipped(ds.samples[i].path, reason))
+    return audit(ds, feats, threshold)
