@@ -73,4 +73,4 @@ def trained_run(tmp_path_factory, digits_dir):
     """One head-mode run on the small digits set, shared by artifact and prediction tests."""
     from transferlab.pipeline import train
 
-    return train(digits_dir, tmp_path_factory.mktemp("run") / "run", quiet=True)
+    return train(digits_dir, tmp_path_factory.mktemp("run") / "run", mode="head", quiet=True)
