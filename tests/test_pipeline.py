@@ -208,13 +208,15 @@ def test_temperature_scaling_never_changes_argmax_and_is_stored(trained_run):
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 4, (300, 5))
-    y = np.where(rng.random(300) < 0.7, logits.argmax(1), rng.integers(0, 5, 300))  # over-confident model
     from transferlab.evaluation.metrics import softmax
+
+    true = softmax(logits, 2.5)  # the labels follow the logits at temperature 2.5: the model is over-confident
+    y = np.array([rng.choice(5, p=row) for row in true])
 
     p = softmax(logits)
     t = fit_temperature(p, y)
     q = apply_temperature(p, t)
-    assert t > 1 and (q.argmax(1) == p.argmax(1)).all()
+    assert 1.8 < t < 3.5 and (q.argmax(1) == p.argmax(1)).all()
     assert expected_calibration_error(q, y) < expected_calibration_error(p, y)
     m = json.loads((trained_run.run_dir / "metrics.json").read_text())
     cfg = json.loads((trained_run.model_dir / "config.json").read_text())
