@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,6 +15,8 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from .errors import TransferlabError
+
+_STARTED_AT = time.time()  # --time-limit counts from here: the user's clock, imports included
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a folder of labelled images into an image classifier by transfer learning.")
@@ -200,9 +203,9 @@ def train_cmd(
         overrides = {"quiet": quiet or as_json}
         if time_limit is not None:
             overrides["time_limit"] = parse_duration(time_limit)
-        res = train(None, resume, resume=True, **overrides)
+        res = train(None, resume, resume=True, started_at=_STARTED_AT, **overrides)
     else:
-        res = train(data, out_dir, **options)
+        res = train(data, out_dir, started_at=_STARTED_AT, **options)
     if not res.is_global_zero:
         return
     if as_json:

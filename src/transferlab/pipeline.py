@@ -208,7 +208,8 @@ def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skippe
             results[sp] = SplitResult(_labels([keep[i] for i in by[sp]], ds.classes), _probs(result.head, feats[by[sp]]),
                                       [keep[i].path for i in by[sp]])
     stats = {"extract_s": extract_s, "head_s": time.perf_counter() - t1, "features_computed": computed,
-             "features_cached": cached, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch}
+             "features_cached": cached, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+             "best_val_loss": result.best_val_loss}
     return result.head, stats, ds, results
 
 
@@ -242,7 +243,8 @@ def _load_resume(run: Path) -> tuple[str, TrainConfig]:
 
 
 def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | None = None,
-          config: TrainConfig | None = None, resume: bool = False, **overrides: Any) -> RunResult:
+          config: TrainConfig | None = None, resume: bool = False, started_at: float | None = None,
+          **overrides: Any) -> RunResult:
     """Train a classifier on a labelled image folder and write a full run directory.
 
     Args:
@@ -251,12 +253,14 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         out: run directory (default ``runs/<date>-<time>``).
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
         resume: continue the run in ``out`` from its last checkpoint, on its own split and options.
+        started_at: ``time.time()`` when the user started the run (the CLI passes its start), from which
+            ``time_limit`` counts; default now.
 
     Example:
         >>> result = train("photos/", "runs/photos", mode="auto", time_limit=900)  # doctest: +SKIP
         >>> result.metrics["test"]["accuracy"]  # doctest: +SKIP
     """
-    t_start, wall_start = time.perf_counter(), time.time()
+    t_start, wall_start = time.perf_counter(), started_at or time.time()
     run = Path(out) if out is not None else default_run_dir()
     if resume:
         data, saved = _load_resume(run)
@@ -314,7 +318,9 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
             balance_sampler=cfg.balance == "sampler", seed=cfg.seed,
             workers=default_workers() if cfg.workers is None else cfg.workers, accelerator=cfg.accelerator,
             devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-            mixed_precision=cfg.mixed_precision, deadline=deadline, quiet=cfg.quiet)
+            mixed_precision=cfg.mixed_precision, deadline=deadline, quiet=cfg.quiet,
+            reserve_s=8.0 + (len(val_s) + sum(1 for s in ds.samples if s.split == "test")) / 60.0,
+            initial_val_loss=stats.get("best_val_loss") if use_head and not resume else None)
         ft = fit_finetune(model, [s.path for s in train_s], ytr.tolist(), [s.path for s in val_s],
                           _labels(val_s, ds.classes).tolist(), ft_cfg, run, history, resume=resume,
                           pretrained=info.pretrained)

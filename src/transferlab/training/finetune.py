@@ -62,7 +62,9 @@ class FinetuneConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     mixed_precision: bool = True
-    deadline: float | None = None  # time.time() by which training must have stopped
+    deadline: float | None = None  # time.time() by which the whole run must be done
+    reserve_s: float = 5.0  # time kept after training for evaluation, report and saving
+    initial_val_loss: float | None = None  # the starting model's validation loss, if known
     quiet: bool = False
 
 
@@ -301,7 +303,10 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     callbacks: list[Any] = [unfreeze, history, best, ckpt]
     if val_loader is not None:
         callbacks.append(EarlyStopping(monitor, patience=cfg.patience, mode="min"))
-    deadline = Deadline(cfg.deadline) if cfg.deadline else None
+    deadline = Deadline(cfg.deadline, margin_s=cfg.reserve_s) if cfg.deadline else None
+    if cfg.initial_val_loss is not None:  # fine-tuning must beat where it starts (the trained head)
+        best.best, best.best_epoch = float(cfg.initial_val_loss), -1
+        best.state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     if deadline is not None:
         callbacks.append(deadline)
     trainer = make_trainer(run_dir / "logs", max_epochs=cfg.epochs + freeze_epochs, callbacks=callbacks,
