@@ -3,53 +3,24 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
+from .cli_common import csv_ints, print_json, setup_logging, err, out
+from .cli_data import cache_app, data_app
 from .errors import TransferlabError
 
 _STARTED_AT = time.time()  # --time-limit counts from here: the user's clock, imports included
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a folder of labelled images into an image classifier by transfer learning.")
-cache_app = typer.Typer(no_args_is_help=True, help="Show or free the feature cache.")
 app.add_typer(cache_app, name="cache")
-data_app = typer.Typer(no_args_is_help=True, help="Audit, split and import datasets.")
 app.add_typer(data_app, name="data")
-import_app = typer.Typer(no_args_is_help=True, help="Import datasets as class folders.")
-data_app.add_typer(import_app, name="import")
-
-out = Console()
-err = Console(stderr=True)
-
-
-def _setup_logging(quiet: bool) -> None:
-    log = logging.getLogger("transferlab")
-    log.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.propagate = False
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _csv_ints(text: Optional[str]) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers such as 1024,1024, got {text!r}") from None
-
 
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("transferlab-demo"), "--out", help="Folder for data/ and run/."),
@@ -57,11 +28,11 @@ def demo(out_dir: Path = typer.Option(Path("transferlab-demo"), "--out", help="F
     """Build a real dataset (scikit-learn's digits), train, evaluate, report and predict."""
     from .demo import run_demo
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     res = run_demo(out_dir, quiet=quiet or as_json)
     test = res.metrics.get("test") or {}
     if as_json:
-        _print_json({"data": str(res.data_dir), "run": str(res.run_dir), "test_accuracy": test.get("accuracy"),
+        print_json({"data": str(res.data_dir), "run": str(res.run_dir), "test_accuracy": test.get("accuracy"),
                      "examples": res.examples})
         return
     out.print(f"[bold]Data[/]: {res.data_dir} (scikit-learn digits as PNG class folders)")
@@ -89,7 +60,7 @@ def backbones(offline: bool = typer.Option(False, "--offline", help="Only backbo
 
     rows = list_backbones(offline_only=offline)
     if as_json:
-        _print_json([r.to_dict() for r in rows])
+        print_json([r.to_dict() for r in rows])
         return
     table = Table("name", "timm model", "params (M)", "input", "ImageNet top-1", "offline", "weights from")
     for r in rows:
@@ -111,7 +82,7 @@ def imagenet(images: list[Path] = typer.Argument(..., help="Image files."),
     results = classify_imagenet([str(p) for p in images], backbone, top_k, weights_file=str(weights) if weights else None,
                                 allow_download=allow_download or None)
     if as_json:
-        _print_json(results)
+        print_json(results)
         return
     for r in results:
         if r.get("error"):
@@ -187,8 +158,8 @@ def train_cmd(
     """Train a classifier: split, extract/cache features, train, fine-tune, evaluate, save."""
     from .pipeline import train
 
-    _setup_logging(quiet)
-    options = dict(backbone=backbone, mode=mode, head=_csv_ints(head), dropout=dropout, epochs=epochs,
+    setup_logging(quiet)
+    options = dict(backbone=backbone, mode=mode, head=csv_ints(head), dropout=dropout, epochs=epochs,
                    lr=lr, batch_size=batch_size, patience=patience, ft_epochs=ft_epochs, ft_lr=ft_lr,
                    ft_batch_size=ft_batch_size, ft_patience=ft_patience, freeze_epochs=freeze_epochs,
                    unfreeze=unfreeze, augment=augment, aug_views=aug_views, balance=balance,
@@ -209,7 +180,7 @@ def train_cmd(
     if not res.is_global_zero:
         return
     if as_json:
-        _print_json({"run": str(res.run_dir), "model": str(res.model_dir), "metrics": res.metrics})
+        print_json({"run": str(res.run_dir), "model": str(res.model_dir), "metrics": res.metrics})
     else:
         for w in res.warnings:
             err.print(f"[yellow]warning[/]: {w}")
@@ -225,10 +196,10 @@ def evaluate_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/mo
     """Metrics, plots and report for a saved model on a labelled folder."""
     from .evaluate import evaluate
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     metrics = evaluate(model, data, out_dir, split=split, quiet=quiet)
     if as_json:
-        _print_json(metrics)
+        print_json(metrics)
     else:
         _summary(out_dir, metrics)
 
@@ -254,7 +225,7 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
     if output is not None:
         write_predictions(results, output)
     if as_json:
-        _print_json([r.to_dict() for r in results])
+        print_json([r.to_dict() for r in results])
         return
     table = Table("file", "label", "probability", f"top-{top_k}")
     for r in results:
@@ -278,10 +249,10 @@ def lr_find_cmd(data: Path = typer.Argument(..., help="Labelled folder or manife
     """Learning-rate finder on the head (cached features): writes the loss-vs-rate plot, prints a suggestion."""
     from .tools import lr_find
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     res = lr_find(data, out_dir, backbone=backbone, seed=seed, quiet=quiet or as_json)
     if as_json:
-        _print_json({"suggestion": res.suggestion, "plot": str(Path(out_dir) / "lr_find.png")})
+        print_json({"suggestion": res.suggestion, "plot": str(Path(out_dir) / "lr_find.png")})
     else:
         sug = f"{res.suggestion:.2e}" if res.suggestion else "none (loss never fell)"
         out.print(f"suggested head learning rate: [bold]{sug}[/] (plot: {Path(out_dir) / 'lr_find.png'})")
@@ -300,12 +271,12 @@ def compare_cmd(data: Path = typer.Argument(..., help="Labelled folder or manife
     """Train several backbones on the same split; write compare.csv and compare.html."""
     from .compare import compare
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     names = [b.strip() for b in backbones_.split(",") if b.strip()]
     rows = compare(data, names, out_dir, mode=mode, time_limit=parse_duration(time_limit), seed=seed,
                    quiet=quiet or as_json, ft_epochs=ft_epochs, image_size=image_size)
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     table = Table("backbone", "status", "accuracy", "macro-F1", "train s", "latency ms", "params M", "MB")
     for r in rows:
@@ -327,7 +298,7 @@ def explain(model: Path = typer.Argument(..., help="Model directory."), image: P
 
     res = run_explain(model, image, out_path)
     if as_json:
-        _print_json(res)
+        print_json(res)
     else:
         out.print(f"{image}: {res['label']} ({res['probability']:.3f}); heat map -> {out_path}")
 
@@ -339,7 +310,7 @@ def summary(model: Path = typer.Argument(..., help="Model directory."), as_json:
 
     info = model_summary(model)
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     table = Table("item", "value", title=f"model {model}")
     for k, v in info.items():
@@ -370,121 +341,11 @@ def export_cmd(model: Path = typer.Argument(..., help="Model directory."),
 
     check = export_model(model, fmt, out_path, int8=int8)
     if as_json:
-        _print_json(check)
+        print_json(check)
         return
     out.print(f"[bold green]exported[/] {check['file']} ({check['bytes'] / 1e6:.1f} MB), checked on "
               f"{check['checked_on']}: max |p - p_torch| = {check['max_abs_diff']:.2e}, top-1 agreement "
               f"{100 * check['top1_agreement']:.1f}% ({check['criterion']}: passed)")
-
-
-@data_app.command("check")
-def data_check(data: Path = typer.Argument(..., help="Labelled folder or manifest."),
-               near: bool = typer.Option(True, "--near/--no-near", help="Near-duplicates from backbone features."),
-               threshold: float = typer.Option(0.97, "--threshold", help="Cosine similarity for near-duplicates."),
-               backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
-               cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
-               quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Audit a dataset: counts, unreadable and converted files, duplicates, leakage, imbalance."""
-    from .tools import check_dataset
-
-    _setup_logging(quiet)
-    rep = check_dataset(data, near=near, backbone=backbone, threshold=threshold,
-                        cache_dir=str(cache_dir) if cache_dir else None, quiet=quiet or as_json)
-    if as_json:
-        _print_json(rep.to_dict())
-        return
-    splits = sorted({s for c in rep.counts.values() for s in c})
-    table = Table("class", *splits, "total", title=f"dataset {data}")
-    for name, c in rep.counts.items():
-        table.add_row(name, *(str(c.get(s, 0)) for s in splits), str(sum(c.values())))
-    out.print(table)
-    for title, rows, fmt in (("unreadable files", rep.unreadable, lambda r: f"{r['path']}: {r['reason']}"),
-                             ("converted on load", rep.converted, lambda r: f"{r['path']}: {'; '.join(r['conversions'])}"),
-                             ("very small images", rep.small, lambda r: f"{r['path']}: {r['size'][0]}x{r['size'][1]}"),
-                             ("exact duplicates", rep.exact_duplicates,
-                              lambda g: f"[{g['kind']}] " + ", ".join(f"{f['path']} ({f['label']}/{f['split']})" for f in g["files"])),
-                             ("near-duplicates", rep.near_duplicates,
-                              lambda g: f"[{g['kind']}, {g['similarity']:.3f}] " + ", ".join(f"{f['path']} ({f['label']}/{f['split']})" for f in g["files"]))):
-        out.print(f"[bold]{title}[/]: {len(rows)}")
-        for r in rows[:20]:
-            out.print("  " + fmt(r), highlight=False, markup=False)
-        if len(rows) > 20:
-            out.print(f"  ... and {len(rows) - 20} more (--json for all)")
-    out.print(f"[bold]imbalance[/]: largest/smallest class = {rep.imbalance.get('ratio')}")
-    for w in rep.warnings:
-        err.print(f"[yellow]warning[/]: {w}")
-
-
-@data_app.command("split")
-def data_split(data: Path = typer.Argument(...), out_path: Path = typer.Option(Path("split.csv"), "--out"),
-               val: float = typer.Option(0.15, "--val"), test: float = typer.Option(0.15, "--test"),
-               seed: int = typer.Option(0, "--seed")) -> None:
-    """Write the stratified, seeded split of a dataset as split.csv (path,label,split)."""
-    from .data.scan import scan as scan_data
-    from .data.split import split_dataset, write_split_csv
-
-    ds = split_dataset(scan_data(data), val, test, seed)
-    write_split_csv(ds.samples, out_path)
-    n = {s: sum(1 for x in ds.samples if x.split == s) for s in ("train", "val", "test")}
-    out.print(f"wrote {out_path}: {n['train']} train, {n['val']} val, {n['test']} test; {len(ds.skipped)} skipped")
-
-
-@import_app.command("cifar10")
-def import_cifar10(source: str = typer.Argument(..., help="cifar-10-python.tar.gz"), out_dir: Path = typer.Option(..., "--out"),
-                   allow_download: bool = typer.Option(False, "--allow-download")) -> None:
-    """CIFAR-10 python archive -> OUT/{train,test}/<class>/*.png."""
-    _import_cifar("cifar10", source, out_dir, allow_download)
-
-
-@import_app.command("cifar100")
-def import_cifar100(source: str = typer.Argument(..., help="cifar-100-python.tar.gz"), out_dir: Path = typer.Option(..., "--out"),
-                    allow_download: bool = typer.Option(False, "--allow-download")) -> None:
-    """CIFAR-100 python archive (fine labels) -> OUT/{train,test}/<class>/*.png."""
-    _import_cifar("cifar100", source, out_dir, allow_download)
-
-
-def _import_cifar(kind: str, source: str, out_dir: Path, allow_download: bool) -> None:
-    from .data.imports import import_cifar
-
-    counts = import_cifar(kind, source, out_dir, allow_download=allow_download)
-    out.print(f"wrote {kind} to {out_dir}: {counts}")
-
-
-@import_app.command("csv")
-def import_csv(manifest: Path = typer.Argument(..., help="path,label[,split] CSV"), out_dir: Path = typer.Option(..., "--out")) -> None:
-    """Copy the images of a CSV manifest into class folders."""
-    from .data.imports import import_manifest
-
-    res = import_manifest(manifest, out_dir)
-    out.print(f"copied {res['copied']} images into {out_dir}; {res['skipped']} skipped")
-
-
-@cache_app.command("info")
-def cache_info(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
-               as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show what the feature cache holds."""
-    from .features.cache import FeatureCache
-
-    cache = FeatureCache(cache_dir)
-    infos = cache.info()
-    if as_json:
-        _print_json({"root": str(cache.root), "namespaces": [i.__dict__ for i in infos]})
-        return
-    table = Table("namespace", "backbone", "view", "features", "MB", title=f"feature cache: {cache.root}")
-    for i in infos:
-        table.add_row(i.name, str(i.description.get("backbone", "?")), str(i.description.get("view", "")),
-                      str(i.entries), f"{i.bytes / 1e6:.1f}")
-    out.print(table)
-    out.print(f"total {sum(i.bytes for i in infos) / 1e6:.1f} MB")
-
-
-@cache_app.command("clear")
-def cache_clear(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir")) -> None:
-    """Delete every cached feature."""
-    from .features.cache import FeatureCache
-
-    freed = FeatureCache(cache_dir).clear()
-    out.print(f"freed {freed / 1e6:.1f} MB")
 
 
 def main(argv: list[str] | None = None) -> int:

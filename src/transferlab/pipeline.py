@@ -32,7 +32,7 @@ from .evaluation.outputs import SplitResult, write_run_outputs
 from .evaluation.sections import report_sections
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor, default_workers
-from .predict import Predictor, load_model
+from .predict import Predictor
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
 from .training.head import HeadConfig, balanced_class_weights, fit_head

@@ -8,7 +8,7 @@ class, across classes (likely label errors) and across splits (leakage that infl
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 

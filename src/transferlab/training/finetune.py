@@ -8,7 +8,6 @@ and the Keras transfer-learning guide (a low rate once the backbone trains, earl
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import zlib

@@ -1,0 +1,39 @@
+"""Shared pieces of the command line: consoles, logging set-up, JSON printing, option parsing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+__all__ = ["out", "err", "setup_logging", "print_json", "csv_ints"]
+
+out = Console()
+err = Console(stderr=True)
+
+
+def setup_logging(quiet: bool) -> None:
+    log = logging.getLogger("transferlab")
+    log.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def csv_ints(text: Optional[str]) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers such as 1024,1024, got {text!r}") from None
+
+
