@@ -64,8 +64,9 @@ def compare(data: str | os.PathLike[str], backbones: Sequence[str], out: str | o
         row: dict[str, Any] = {"backbone": name, "mode": mode}
         try:
             pretrained = name != "simple_cnn"
-            res = train(manifest, out / name, backbone=name, mode=mode, time_limit=time_limit, seed=seed, quiet=quiet,
-                        pretrained=pretrained, **train_options)
+            row["mode"] = mode if pretrained else "finetune (from scratch)"
+            res = train(manifest, out / name, backbone=name, mode=mode if pretrained else "finetune", time_limit=time_limit,
+                        seed=seed, quiet=quiet, pretrained=pretrained, **train_options)
             test = res.metrics.get("test") or {}
             params = sum(int(np.prod(s)) for s in _shapes(res.model_dir))
             row.update(status="ok", accuracy=test.get("accuracy"), macro_f1=test.get("macro_f1"),
