@@ -267,8 +267,8 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
         for i, stage in enumerate(stages):
             frac = i / max(1, n - 1)
             groups.append({"params": stage, "lr": bottom * (top / bottom) ** frac})
-    else:
-        groups.append({"params": [p for s in stages for p in s], "lr": cfg.lr})
+    else:  # from scratch: every layer is new, so all of them train at the new head's rate
+        groups.append({"params": [p for s in stages for p in s], "lr": cfg.head_lr or cfg.lr})
     model = model.to(memory_format=torch.channels_last)
     module = _FinetuneModule(model, lr=cfg.lr, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
                              class_weights=cfg.class_weights, warmup_epochs=cfg.warmup_epochs, param_groups=groups,
