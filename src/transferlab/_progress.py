@@ -25,7 +25,7 @@ class _Bar:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, quiet: bool = False) -> Iterator[_Bar]:
-    """A progress bar on stderr with count, rate and time left; a no-op when ``quiet`` or total is 0."""
+    """A progress bar on stderr with count, elapsed and remaining time; a no-op when ``quiet`` or total is 0."""
     if quiet or total <= 0:
         yield _Bar(None, None)
         return
