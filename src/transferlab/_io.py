@@ -51,8 +51,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
 def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes, as hex."""
+    """SHA-256 of a file's bytes, as hex.
+
+    Remembered per (path, inode, size, mtime) for the life of the process, so the audit and the
+    feature cache of one run read each file once; a changed file gets a new stat and is hashed again.
+    """
+    st = os.stat(path)
+    key = (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -60,4 +71,7 @@ def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
             if not block:
                 break
             h.update(block)
-    return h.hexdigest()
+    if len(_DIGESTS) > 1_000_000:
+        _DIGESTS.clear()
+    _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]

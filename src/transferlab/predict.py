@@ -103,7 +103,8 @@ class Predictor:
         errors: list[str | None] = [None] * len(inputs)
         temperature = self.temperature if calibrated else 1.0
         path_idx = [i for i, x in enumerate(inputs) if isinstance(x, (str, os.PathLike))]
-        mem_idx = [i for i in range(len(inputs)) if i not in set(path_idx)]
+        path_set = set(path_idx)
+        mem_idx = [i for i in range(len(inputs)) if i not in path_set]
         for i in path_idx:
             if not is_image_path(inputs[i]) and os.path.isfile(inputs[i]):
                 errors[i] = f"not an image file (extension '{Path(inputs[i]).suffix}')"

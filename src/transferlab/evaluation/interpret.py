@@ -44,10 +44,12 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
     return np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255).astype(np.uint8)
 
 
-def explain_image(model: Classifier, path: str) -> tuple[np.ndarray, int, np.ndarray]:
-    """Grad-CAM overlay (RGB uint8) for an image file, with the explained class and probabilities."""
-    x = EvalTransform(model.preprocessing)(load_image(path, draft=model.preprocessing.resize_to))
-    cam, k, probs = gradcam(model, x)
+def explain_image(model: Classifier, path: str, target: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+    """Grad-CAM overlay (RGB uint8) for an image file, decoded exactly as for prediction, with the
+    explained class (the top prediction unless ``target``) and the probabilities."""
+    transform = EvalTransform(model.preprocessing)
+    x = transform(load_image(path, draft=transform.draft))
+    cam, k, probs = gradcam(model, x, target)
     return overlay(x.permute(1, 2, 0).numpy(), cam), k, probs
 
 

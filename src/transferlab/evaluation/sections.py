@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .calibration import expected_calibration_error, reliability_bins
-from .interpret import gallery_png, gradcam, load_display, overlay
+from .interpret import explain_image, gallery_png, load_display
 from .outputs import SplitResult
 from .plots import figure_png, plt
 from .report import data_uri
@@ -104,12 +104,7 @@ def report_sections(model: Any, labels: Sequence[str], test: SplitResult | None,
         size = model.preprocessing.size
         for i in order:
             try:
-                from ..data.images import load_image
-                from ..data.transforms import EvalTransform
-
-                x = EvalTransform(model.preprocessing)(load_image(test.paths[i], draft=model.preprocessing.resize_to))
-                cam, _, _ = gradcam(model, x, int(pred[i]))
-                img = overlay(x.permute(1, 2, 0).numpy(), cam)
+                img = explain_image(model, test.paths[i], int(pred[i]))[0]
             except Exception:
                 img = load_display(test.paths[i], size)
             items.append((img, f"true {labels[test.y_true[i]]}\npred {labels[pred[i]]} ({test.probs[i, pred[i]]:.2f})",

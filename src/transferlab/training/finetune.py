@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..backbones.models import Classifier, SimpleCNN
-from ..data.loader import ImageFiles, worker_init
+from ..data.loader import ImageFiles, collate_images, worker_init
 from ..data.transforms import EvalTransform, TrainTransform
 from ..runtime import cpu_has_bf16
 from .callbacks import BestWeights, History
@@ -219,10 +219,8 @@ class _TrainFiles(ImageFiles):
 
 
 def _collate_xy(items):
-    good = [it for it in items if it[0] is not None]
-    if not good:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-    return torch.stack([it[0] for it in good]), torch.tensor([it[2] for it in good], dtype=torch.long)
+    x, _, y, _ = collate_images(items)  # files that failed to decode are left out of the batch
+    return x, y
 
 
 class _FinetuneModule(ClassifierModule):
