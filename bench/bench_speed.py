@@ -24,6 +24,7 @@ from _images import large_jpegs, small_pngs  # noqa: E402
 from transferlab.backbones import Normalize, create_backbone  # noqa: E402
 from transferlab.features import FeatureExtractor  # noqa: E402
 from transferlab.runtime import cpu_has_bf16  # noqa: E402
+from transferlab.training.finetune import FinetuneConfig, backbone_stages, early_stages  # noqa: E402
 
 
 def naive_extract(paths, backbone, info, batch_size=64) -> float:
@@ -73,17 +74,22 @@ def train_step_rate(name: str, fast: bool, batch_size=32, steps=4) -> float:
     bb, info = create_backbone(name)
     head = torch.nn.Linear(info.num_features, 10)
     model = torch.nn.Sequential(Normalize(info.preprocessing.mean, info.preprocessing.std), bb, head).train()
-    if fast:  # transferlab's fine-tuning keeps pretrained BatchNorm statistics frozen (eval mode)
+    if fast:  # transferlab's fine-tuning keeps pretrained BatchNorm statistics frozen (eval mode) and the
+        # stages at output stride 4 or finer frozen (FinetuneConfig.frozen_stride)
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
+        stages = backbone_stages(bb)
+        for stage in stages[:early_stages(bb, stages, info.preprocessing.size, FinetuneConfig.frozen_stride)]:
+            for p in stage:
+                p.requires_grad_(False)
     s = info.preprocessing.size
     x = torch.randint(0, 256, (batch_size, 3, s, s), dtype=torch.uint8)
     y = torch.randint(0, 10, (batch_size,))
     if fast:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if fast and cpu_has_bf16() else (
         lambda: torch.autocast("cpu", enabled=False))
 
@@ -101,27 +107,43 @@ def train_step_rate(name: str, fast: bool, batch_size=32, steps=4) -> float:
     return steps * batch_size / (time.perf_counter() - t)
 
 
-def predict_latency(paths, backbone_name: str, reps: int = 50) -> tuple[float, float]:
-    """Warm single-image latency (ms) through the Predictor that `transferlab predict` uses."""
+def _latency(pred, paths, reps: int) -> tuple[float, float]:
+    for p in paths[:5]:
+        pred.predict([p])
+    times = []
+    for i in range(reps):
+        t = time.perf_counter()
+        pred.predict([paths[i % len(paths)]])
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times), float(np.percentile(times, 95))
+
+
+def predict_figures(paths, backbone_name: str, reps: int = 50, batch: int = 256) -> dict[str, tuple]:
+    """Warm single-image latency (median, p95 ms) and batch images/s through the Predictor that
+    `transferlab predict` uses, for each engine: PyTorch (bf16 where native), PyTorch fp32, ONNX Runtime."""
     from transferlab.artifacts import save_artifact
     from transferlab.backbones import Classifier, build_head
+    from transferlab.export import export_model
     from transferlab.predict import load_model
 
     bb, info = create_backbone(backbone_name)
     model = Classifier(bb, build_head(info.num_features, 10), info.preprocessing)
+    out = {}
     with tempfile.TemporaryDirectory() as d:
         save_artifact(Path(d) / "m", model, {"classes": [str(i) for i in range(10)], "backbone": info.to_dict(),
                                              "preprocessing": info.preprocessing.to_dict(),
                                              "head": {"in_features": info.num_features, "hidden": [], "dropout": 0}})
-        pred = load_model(Path(d) / "m")
-        for p in paths[:5]:
-            pred.predict([p])
-        times = []
-        for i in range(reps):
+        export_model(Path(d) / "m", "onnx")
+        engines = {"PyTorch" + (" bf16" if cpu_has_bf16() else " fp32"): dict(engine="torch"),
+                   "PyTorch fp32": dict(engine="torch", mixed_precision=False),
+                   "ONNX Runtime fp32": dict(engine="onnx")}
+        for label, kw in engines.items():
+            pred = load_model(Path(d) / "m", **kw)
+            med, p95 = _latency(pred, paths, reps)
             t = time.perf_counter()
-            pred.predict([paths[i % len(paths)]])
-            times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times), float(np.percentile(times, 95))
+            pred.predict(paths[:batch])
+            out[label] = (med, p95, batch / (time.perf_counter() - t))
+    return out
 
 
 def main() -> None:
@@ -155,8 +177,9 @@ def main() -> None:
     naive_t, ours_t = train_step_rate(args.backbone, False), train_step_rate(args.backbone, True)
     print(f"\nfine-tuning step (batch 32): naive fp32 NCHW {naive_t:.1f} img/s, ours {ours_t:.1f} img/s, "
           f"ratio {ours_t / naive_t:.2f}x")
-    med, p95 = predict_latency(small, args.backbone)
-    print(f"\nwarm single-image predict ({args.backbone}): median {med:.1f} ms, p95 {p95:.1f} ms")
+    print(f"\n{'predict (' + args.backbone + ')':<30}{'median ms':>10}{'p95 ms':>8}{'batch img/s':>13}")
+    for label, (med, p95, rate) in predict_figures(small, args.backbone).items():
+        print(f"{label:<30}{med:>10.1f}{p95:>8.1f}{rate:>13.1f}")
 
 
 if __name__ == "__main__":

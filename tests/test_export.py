@@ -70,3 +70,48 @@ def test_failed_check_is_an_error(trained_run, tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "FP32_TOLERANCE", -1.0)
     with pytest.raises(ExportError, match="failed its check"):
         export_model(trained_run.model_dir, "onnx", tmp_path / "bad.onnx")
+
+
+def test_predict_engine_auto_uses_a_fresh_checked_export(trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    import transferlab.predict as pr
+    from transferlab.errors import ArtifactError
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_run.model_dir, model_dir)
+    with pytest.raises(ArtifactError, match="no checked ONNX export"):
+        load_model(model_dir, engine="onnx")
+    export_model(model_dir, "onnx")
+    assert pr.checked_onnx_export(model_dir) == model_dir / "model.onnx"
+    assert load_model(model_dir, engine="onnx").engine == "onnx"
+    assert load_model(model_dir, engine="torch").engine == "torch"
+    monkeypatch.setattr(pr, "onnx_pays", lambda device, mp: True)
+    assert load_model(model_dir).engine == "onnx"
+    monkeypatch.setattr(pr, "onnx_pays", lambda device, mp: False)
+    assert load_model(model_dir).engine == "torch"
+    # a failed or stale check is never used
+    check_file = model_dir / "model.onnx.check.json"
+    check = json.loads(check_file.read_text())
+    check_file.write_text(json.dumps({**check, "weights_sha256": "0" * 64}))
+    assert pr.checked_onnx_export(model_dir) is None
+    check_file.write_text(json.dumps({**check, "passed": False}))
+    assert pr.checked_onnx_export(model_dir) is None
+
+
+def test_onnx_pays_only_where_torch_runs_fp32(monkeypatch):
+    import transferlab.predict as pr
+
+    monkeypatch.setattr(pr, "cpu_has_bf16", lambda: True)
+    assert not pr.onnx_pays("cpu", True) and pr.onnx_pays("cpu", False)
+    monkeypatch.setattr(pr, "cpu_has_bf16", lambda: False)
+    assert pr.onnx_pays("cpu", True)
+
+
+def test_int8_export_passes_on_photographs(photos_dir, tmp_path):
+    from transferlab.pipeline import train
+
+    run = train(photos_dir, tmp_path / "run", mode="head", quiet=True)
+    check = export_model(run.model_dir, "onnx", int8=True)
+    assert check["passed"] and check["top1_agreement"] >= 0.99
+    assert check["max_abs_diff"] < 0.05  # int8 probabilities stay close, not only the argmax

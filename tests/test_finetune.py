@@ -139,3 +139,23 @@ def test_time_limit_parsing():
 
     with pytest.raises(typer.BadParameter):
         parse_duration("soon")
+
+
+def test_stride4_stages_stay_frozen_in_finetuning():
+    import timm
+
+    from transferlab.training.finetune import StageUnfreeze, backbone_stages, early_stages
+
+    bb, _ = create_backbone("efficientnet_lite0", pretrained=False)
+    stages = backbone_stages(bb)
+    assert early_stages(bb, stages, 224) == 3  # stem (/2), blocks.0 (/2), blocks.1 (/4); blocks.2 is /8
+    assert early_stages(bb, stages, 96) == 3  # a stride, not a size
+    assert early_stages(bb, stages, 224, max_stride=2) == 2
+    assert early_stages(bb, stages, 224, max_stride=0) == 0
+    resnet = timm.create_model("resnet18", pretrained=False)
+    assert early_stages(resnet, backbone_stages(resnet), 224) == 2  # stem and layer1, as Detectron2 freezes
+    cb = StageUnfreeze(stages, [[] for _ in stages], freeze_epochs=1, unfreeze="all", always_frozen=3)
+    assert cb.trainable_stages(0) == set() and cb.trainable_stages(1) == set(range(3, len(stages)))
+    cb._apply(1)
+    assert not any(p.requires_grad for s in stages[:3] for p in s)
+    assert all(p.requires_grad for s in stages[3:] for p in s)

@@ -24,12 +24,14 @@ app.add_typer(data_app, name="data")
 
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("transferlab-demo"), "--out", help="Folder for data/ and run/."),
+         mode: str = typer.Option("head", "--mode", help="head (about 40 s), or auto / finetune (fine-tunes "
+                                  "the network: several minutes on a CPU)."),
          quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Build a real dataset (scikit-learn's digits), train, evaluate, report and predict."""
     from .demo import run_demo
 
     setup_logging(quiet)
-    res = run_demo(out_dir, quiet=quiet or as_json)
+    res = run_demo(out_dir, quiet=quiet or as_json, mode=mode)
     test = res.metrics.get("test") or {}
     if as_json:
         print_json({"data": str(res.data_dir), "run": str(res.run_dir), "test_accuracy": test.get("accuracy"),
@@ -126,6 +128,8 @@ def train_cmd(
     ft_patience: int = typer.Option(3, "--ft-patience"),
     freeze_epochs: int = typer.Option(1, "--freeze-epochs", help="Frozen-backbone epochs when fine-tuning without a head phase."),
     unfreeze: str = typer.Option("all", "--unfreeze", help="'all' or the number of top stages to train."),
+    frozen_stride: int = typer.Option(4, "--frozen-stride", help="Pretrained stages at this output stride or "
+                                      "finer stay frozen when fine-tuning (0: train them too)."),
     augment: str = typer.Option("light", "--augment", help="none, light or strong (fine-tuning)."),
     aug_views: int = typer.Option(0, "--aug-views", help="Head mode: cache K augmented views per training image."),
     balance: str = typer.Option("none", "--balance", help="none, weights or sampler (class imbalance)."),
@@ -162,7 +166,7 @@ def train_cmd(
     options = dict(backbone=backbone, mode=mode, head=csv_ints(head), dropout=dropout, epochs=epochs,
                    lr=lr, batch_size=batch_size, patience=patience, ft_epochs=ft_epochs, ft_lr=ft_lr,
                    ft_batch_size=ft_batch_size, ft_patience=ft_patience, freeze_epochs=freeze_epochs,
-                   unfreeze=unfreeze, augment=augment, aug_views=aug_views, balance=balance,
+                   unfreeze=unfreeze, frozen_stride=frozen_stride, augment=augment, aug_views=aug_views, balance=balance,
                    class_weights=class_weights, label_smoothing=label_smoothing, weight_decay=weight_decay,
                    grad_clip=grad_clip or None, time_limit=parse_duration(time_limit), seed=seed, val=val, test=test,
                    cut_stage=cut_stage, image_size=image_size, pretrained=not no_pretrained,
@@ -212,6 +216,8 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
             threshold: Optional[float] = typer.Option(None, "--threshold", help="Label 'unknown' below this top probability."),
             tta: bool = typer.Option(False, "--tta", help="Average the image and its mirror."),
             no_calibration: bool = typer.Option(False, "--no-calibration", help="Ignore the fitted temperature."),
+            engine: str = typer.Option("auto", "--engine", help="auto, torch or onnx (auto: the model's checked "
+                                       "ONNX export where ONNX Runtime is the faster engine on this CPU)."),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Predict labels for image files and folders (unreadable files are reported, not fatal)."""
     from .predict import expand_paths, load_model
@@ -219,7 +225,9 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
 
     if threshold is not None and not 0 <= threshold <= 1:
         raise typer.BadParameter(f"--threshold {threshold}: expected a probability between 0 and 1")
-    predictor = load_model(model)
+    predictor = load_model(model, engine=engine)
+    if not as_json:
+        err.print(f"engine: {'ONNX Runtime' if predictor.engine == 'onnx' else 'PyTorch'}")
     results = predictor.predict(expand_paths(paths), top_k=top_k, threshold=threshold, tta=tta,
                                 calibrated=not no_calibration)
     if output is not None:

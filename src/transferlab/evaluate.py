@@ -22,7 +22,7 @@ def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], out: s
              *, split: str | None = None, quiet: bool = False, workers: int | None = None) -> dict[str, Any]:
     """Evaluate a saved model on a labelled folder (every image, or only ``split`` of a pre-split one)
     and write metrics.json, plots, predictions.csv and report.html into ``out``."""
-    predictor = load_model(model)
+    predictor = load_model(model, engine="torch")  # the report needs the network (Grad-CAM)
     ds = scan(data)
     samples = [s for s in ds.samples if split is None or s.split == split]
     unknown = sorted({s.label for s in samples} - set(predictor.classes))

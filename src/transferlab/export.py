@@ -80,7 +80,7 @@ def _samples(cfg: dict[str, Any], transform: EvalTransform, split: str, n: int, 
 
 
 def export_model(model: str | os.PathLike[str], fmt: str = "onnx", out: str | os.PathLike[str] | None = None,
-                 int8: bool = False, n_check: int = 64, n_calibration: int = 100) -> dict[str, Any]:
+                 int8: bool = False, n_check: int = 256, n_calibration: int = 100) -> dict[str, Any]:
     """Export an artifact and check the result; returns the check's figures.
 
     Example:
@@ -112,7 +112,7 @@ def export_model(model: str | os.PathLike[str], fmt: str = "onnx", out: str | os
     diff = float(np.abs(got - reference).max())
     agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
     check = {"format": fmt, "int8": int8, "file": str(out_path), "bytes": out_path.stat().st_size,
-             "checked_on": check_source, "max_abs_diff": diff, "top1_agreement": agreement,
+             "checked_on": check_source, "weights_sha256": cfg.get("weights_sha256"), "max_abs_diff": diff, "top1_agreement": agreement,
              "criterion": (f"top-1 agreement >= {INT8_MIN_AGREEMENT}" if int8
                            else f"max |p - p_torch| <= {FP32_TOLERANCE}")}
     if int8:

@@ -26,7 +26,7 @@ from .data.scan import Dataset, Sample, Skipped, scan
 from .data.split import split_dataset, write_skipped_csv, write_split_csv
 from .data.transforms import AUGMENT_PRESETS, TrainTransform
 from .errors import ConfigError, DataError
-from .evaluation.calibration import apply_temperature, expected_calibration_error, fit_temperature
+from .evaluation.calibration import apply_temperature, calibrated_nll, expected_calibration_error, fit_temperature
 from .evaluation.metrics import softmax
 from .evaluation.outputs import SplitResult, write_run_outputs
 from .evaluation.sections import report_sections
@@ -51,7 +51,8 @@ class TrainConfig:
 
     backbone: alias or timm name (default ``efficientnet_lite0``, weights bundled offline).
     mode: ``head`` trains a head on cached frozen features; ``finetune`` trains the network end to end
-        (backbone frozen for ``freeze_epochs``, then ``unfreeze`` stages with discriminative rates);
+        (backbone frozen for ``freeze_epochs``, then ``unfreeze`` stages with discriminative rates;
+        the stages at output stride ``frozen_stride`` or finer never train, 0 trains them too);
         ``auto`` (default) does ``head`` first, then fine-tunes starting from that head.
     head / dropout: MLP widths (empty: linear) and dropout. epochs / lr / patience: the head phase.
     ft_epochs / ft_lr / ft_patience / ft_batch_size: the fine-tuning phase.
@@ -86,6 +87,7 @@ class TrainConfig:
     ft_label_smoothing: float = 0.1
     freeze_epochs: int = 1
     unfreeze: str = "all"
+    frozen_stride: int = 4
     augment: str = "light"
     grad_clip: float | None = 1.0
     time_limit: float | None = None
@@ -115,6 +117,8 @@ class TrainConfig:
             raise ConfigError(f"balance {self.balance!r}: expected one of {', '.join(BALANCE)}.")
         if self.augment not in AUGMENT_PRESETS:
             raise ConfigError(f"augment {self.augment!r}: expected one of {', '.join(AUGMENT_PRESETS)}.")
+        if self.frozen_stride < 0:
+            raise ConfigError(f"frozen_stride {self.frozen_stride}: expected 0 (train every stage) or a stride.")
         if self.unfreeze != "all" and not str(self.unfreeze).isdigit():
             raise ConfigError(f"unfreeze {self.unfreeze!r}: expected 'all' or a number of stages.")
         for name in ("epochs", "batch_size", "ft_epochs", "ft_batch_size", "devices", "num_nodes"):
@@ -312,7 +316,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         ft_cfg = FinetuneConfig(
             epochs=cfg.ft_epochs, lr=cfg.ft_lr, freeze_epochs=0 if use_head else cfg.freeze_epochs,
             head_lr=None if use_head else 10 * cfg.ft_lr,
-            unfreeze=cfg.unfreeze, weight_decay=cfg.weight_decay, label_smoothing=cfg.ft_label_smoothing,
+            unfreeze=cfg.unfreeze, frozen_stride=cfg.frozen_stride, weight_decay=cfg.weight_decay, label_smoothing=cfg.ft_label_smoothing,
             batch_size=cfg.ft_batch_size, patience=cfg.ft_patience, grad_clip=cfg.grad_clip, augment=cfg.augment,
             class_weights=balanced_class_weights(ytr, n_classes) if cfg.loss_weights else None,
             balance_sampler=cfg.balance == "sampler", seed=cfg.seed,
@@ -320,7 +324,8 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
             devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
             mixed_precision=cfg.mixed_precision, deadline=deadline, quiet=cfg.quiet,
             reserve_s=8.0 + (len(val_s) + sum(1 for s in ds.samples if s.split == "test")) / 60.0,
-            initial_val_loss=stats.get("best_val_loss") if use_head and not resume else None)
+            initial_val_loss=calibrated_nll(results["val"].probs, results["val"].y_true)
+            if use_head and not resume and "val" in results else None)
         ft = fit_finetune(model, [s.path for s in train_s], ytr.tolist(), [s.path for s in val_s],
                           _labels(val_s, ds.classes).tolist(), ft_cfg, run, history, resume=resume,
                           pretrained=info.pretrained)

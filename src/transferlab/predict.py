@@ -18,9 +18,10 @@ from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
 from .data.transforms import EvalTransform, Preprocessing
 from .evaluation.metrics import softmax
-from .runtime import FrozenGraph, autocast, pick_device, prepare_model, to_device_batch
+from .runtime import FrozenGraph, autocast, cpu_has_bf16, pick_device, prepare_model, to_device_batch
 
-__all__ = ["Predictor", "OnnxPredictor", "Prediction", "load_model", "expand_paths"]
+__all__ = ["Predictor", "OnnxPredictor", "Prediction", "load_model", "expand_paths", "checked_onnx_export",
+           "onnx_pays", "ENGINES"]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -64,6 +65,8 @@ class Predictor:
         >>> model = load_model("runs/demo/model")  # doctest: +SKIP
         >>> model.predict(["cat.jpg"], top_k=3)[0].label  # doctest: +SKIP
     """
+
+    engine = "torch"
 
     def __init__(self, model: Classifier, config: dict[str, Any], device: str | None = None,
                  mixed_precision: bool = True, batch_size: int = 32, workers: int = 0) -> None:
@@ -156,14 +159,60 @@ class Predictor:
         return out
 
 
-def load_model(path: str | os.PathLike[str], device: str | None = None, mixed_precision: bool = True) -> Predictor:
+ENGINES = ("auto", "torch", "onnx")
+
+
+def checked_onnx_export(model_dir: str | os.PathLike[str]) -> Path | None:
+    """The fp32 ONNX export beside an artifact, if its check passed and it was made from these weights."""
+    import json
+
+    onnx_path = Path(model_dir) / "model.onnx"
+    check_path = Path(str(onnx_path) + ".check.json")
+    cfg_path = Path(model_dir) / "config.json"
+    if not (onnx_path.is_file() and check_path.is_file() and cfg_path.is_file()):
+        return None
+    try:
+        check = json.loads(check_path.read_text(encoding="utf-8"))
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    fresh = check.get("weights_sha256") is not None and check.get("weights_sha256") == cfg.get("weights_sha256")
+    return onnx_path if check.get("passed") is True and fresh else None
+
+
+def onnx_pays(device: str | None, mixed_precision: bool) -> bool:
+    """Whether ONNX Runtime beats the PyTorch path here: on a CPU that runs the network in fp32.
+
+    Measured on this project's machine (bench/bench_speed.py): ONNX Runtime fp32 is about 2.5x the
+    PyTorch fp32 path, but slower than PyTorch's bf16 path where the CPU has native bf16."""
+    return pick_device(device).type == "cpu" and not (mixed_precision and cpu_has_bf16())
+
+
+def load_model(path: str | os.PathLike[str], device: str | None = None, mixed_precision: bool = True,
+               engine: str = "auto") -> Predictor:
     """Load an artifact directory (or an ONNX file exported by transferlab) as a :class:`Predictor`.
 
+    ``engine``: ``torch``, ``onnx`` (the directory's checked ``model.onnx`` export), or ``auto``
+    (default): ONNX Runtime when the directory has a checked export made from its current weights and
+    :func:`onnx_pays` on this machine, else PyTorch.
+
     Raises:
-        ArtifactError: missing files, unknown format version, or tensors that do not fit.
+        ArtifactError: missing files, unknown format version, tensors that do not fit, or
+            ``engine="onnx"`` without a checked export.
     """
+    from .errors import ArtifactError, ConfigError
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}.")
     if str(path).lower().endswith(".onnx"):
         return OnnxPredictor(path)
+    if engine != "torch" and Path(path).is_dir():
+        exported = checked_onnx_export(path)
+        if engine == "onnx" and exported is None:
+            raise ArtifactError(f"'{path}' has no checked ONNX export made from its current weights; run "
+                                f"`transferlab export {path} --format onnx` first.")
+        if exported is not None and (engine == "onnx" or onnx_pays(device, mixed_precision)):
+            return OnnxPredictor(exported)
     model, cfg = load_artifact(path)
     return Predictor(model, cfg, device=device, mixed_precision=mixed_precision)
 
@@ -171,6 +220,8 @@ def load_model(path: str | os.PathLike[str], device: str | None = None, mixed_pr
 class OnnxPredictor(Predictor):
     """A :class:`Predictor` over an exported ONNX file, run by ONNX Runtime on the CPU. The file
     carries its classes, preprocessing and temperature as metadata, so it is usable alone."""
+
+    engine = "onnx"
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int = 32, workers: int = 0) -> None:
         import json

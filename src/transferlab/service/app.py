@@ -86,7 +86,7 @@ def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "classes": len(predictor.classes)}
+        return {"status": "ok", "classes": len(predictor.classes), "engine": predictor.engine}
 
     @app.get("/labels")
     async def labels() -> dict[str, Any]:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..evaluation.calibration import calibrated_nll
+
 __all__ = ["ClassifierModule", "cosine_with_warmup"]
 
 
@@ -52,13 +54,14 @@ class ClassifierModule(L.LightningModule):
         self.input_transform = input_transform
         w = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", w, persistent=False)
+        self._val_out: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
             x = self.input_transform(x)
         return self.model(x)
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch[0], batch[-1]
         logits = self(x).float()
         loss = F.cross_entropy(logits, y, weight=self.class_weights,
@@ -69,13 +72,30 @@ class ClassifierModule(L.LightningModule):
                  prog_bar=stage == "val")
         self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
                  prog_bar=stage == "val")
-        return loss
+        return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+        _, logits = self._step(batch, "val")
+        self._val_out.append((torch.softmax(logits.detach(), 1).cpu(), batch[-1].cpu()))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_out = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs ``val_cal_loss``: the validation NLL after temperature scaling (what model selection uses)."""
+        if not self._val_out:
+            return
+        probs = torch.cat([p for p, _ in self._val_out])
+        y = torch.cat([t for _, t in self._val_out])
+        self._val_out = []
+        if self.trainer.world_size > 1:  # every rank scores the whole validation set
+            probs = self.all_gather(probs).reshape(-1, probs.shape[-1]).cpu()
+            y = self.all_gather(y).reshape(-1).cpu()
+        value = calibrated_nll(probs.double().numpy(), y.numpy())
+        self.log("val_cal_loss", value, on_step=False, on_epoch=True, prog_bar=False, sync_dist=False)
 
     def configure_optimizers(self):
         groups = self.param_groups or [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
