@@ -6,7 +6,7 @@ with learning rates spread geometrically from ``lr/200`` at the stem to ``lr/2``
 Keras transfer-learning guide (a low rate once the backbone trains, early stopping). The stages at
 output stride 4 or finer (stem and first blocks) stay frozen, as in Detectron2: they are generic,
 their discriminative rate would be tiny anyway, and skipping their backward pass makes a training
-step about 1.5x faster on a CPU (BENCHMARKS.md).
+step about 1.7x faster on a CPU (BENCHMARKS.md).
 """
 
 from __future__ import annotations
