@@ -112,7 +112,8 @@ def export_model(model: str | os.PathLike[str], fmt: str = "onnx", out: str | os
     diff = float(np.abs(got - reference).max())
     agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
     check = {"format": fmt, "int8": int8, "file": str(out_path), "bytes": out_path.stat().st_size,
-             "checked_on": check_source, "weights_sha256": cfg.get("weights_sha256"), "max_abs_diff": diff, "top1_agreement": agreement,
+             "checked_on": check_source, "weights_sha256": cfg.get("weights_sha256"), "max_abs_diff": diff,
+             "top1_agreement": agreement,
              "criterion": (f"top-1 agreement >= {INT8_MIN_AGREEMENT}" if int8
                            else f"max |p - p_torch| <= {FP32_TOLERANCE}")}
     if int8:
@@ -166,8 +167,6 @@ def static_same_padding(net: nn.Module, example: torch.Tensor) -> int:
 
 
 def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
-    import onnx
-
     static_same_padding(net, example)
     tmp = out.with_suffix(out.suffix + ".tmp")
     with warnings.catch_warnings():
@@ -175,7 +174,15 @@ def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict[st
         torch.onnx.export(net, (example,), str(tmp), input_names=["pixels"], output_names=["probabilities"],
                           dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17,
                           dynamo=False)
+    _finish_onnx(tmp, out, meta)
+
+
+def _finish_onnx(tmp: Path, out: Path, meta: dict[str, str]) -> None:
+    """Set the file's metadata to ``meta`` (replacing any), then move it into place atomically."""
+    import onnx
+
     m = onnx.load(str(tmp))
+    del m.metadata_props[:]
     for k, v in meta.items():
         m.metadata_props.add(key=k, value=v)
     onnx.save(m, str(tmp))
@@ -211,12 +218,7 @@ def _quantize(path: Path, x_cal: torch.Tensor, meta: dict[str, str]) -> None:
         quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Percentile, nodes_to_quantize=backbone)
-    m = onnx.load(str(tmp))
-    del m.metadata_props[:]
-    for k, v in meta.items():
-        m.metadata_props.add(key=k, value=v)
-    onnx.save(m, str(tmp))
-    os.replace(tmp, path)
+    _finish_onnx(tmp, path, meta)
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:

@@ -212,8 +212,7 @@ def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skippe
             results[sp] = SplitResult(_labels([keep[i] for i in by[sp]], ds.classes), _probs(result.head, feats[by[sp]]),
                                       [keep[i].path for i in by[sp]])
     stats = {"extract_s": extract_s, "head_s": time.perf_counter() - t1, "features_computed": computed,
-             "features_cached": cached, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-             "best_val_loss": result.best_val_loss}
+             "features_cached": cached, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch}
     return result.head, stats, ds, results
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from .artifacts import load_artifact
+from .artifacts import load_artifact, read_config
 from .backbones.models import Classifier
 from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
@@ -166,18 +166,16 @@ def checked_onnx_export(model_dir: str | os.PathLike[str]) -> Path | None:
     """The fp32 ONNX export beside an artifact, if its check passed and it was made from these weights."""
     import json
 
-    onnx_path = Path(model_dir) / "model.onnx"
-    check_path = Path(str(onnx_path) + ".check.json")
-    cfg_path = Path(model_dir) / "config.json"
-    if not (onnx_path.is_file() and check_path.is_file() and cfg_path.is_file()):
-        return None
+    from .errors import ArtifactError
+
     try:
-        check = json.loads(check_path.read_text(encoding="utf-8"))
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        cfg = read_config(model_dir)
+        onnx_path = Path(cfg["_dir"]) / "model.onnx"
+        check = json.loads(Path(str(onnx_path) + ".check.json").read_text(encoding="utf-8"))
+    except (ArtifactError, OSError, ValueError):
         return None
     fresh = check.get("weights_sha256") is not None and check.get("weights_sha256") == cfg.get("weights_sha256")
-    return onnx_path if check.get("passed") is True and fresh else None
+    return onnx_path if onnx_path.is_file() and check.get("passed") is True and fresh else None
 
 
 def onnx_pays(device: str | None, mixed_precision: bool) -> bool:

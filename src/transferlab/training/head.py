@@ -53,7 +53,6 @@ class HeadResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = -1
     epochs_run: int = 0
-    best_val_loss: float | None = None
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
@@ -104,5 +103,4 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
     module.train()
     trainer.fit(module, train_loader, val_loader)
     head.eval()
-    return HeadResult(head, hist.rows, best.best_epoch + 1, trainer.current_epoch,
-                      best.best if has_val else None)
+    return HeadResult(head, hist.rows, best.best_epoch + 1, trainer.current_epoch)
