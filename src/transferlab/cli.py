@@ -120,7 +120,7 @@ def train_cmd(
     dropout: float = typer.Option(0.0, "--dropout"),
     epochs: int = typer.Option(100, "--epochs", help="Head phase: at most; early stopping ends sooner."),
     lr: float = typer.Option(1e-3, "--lr", help="Head phase learning rate."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Head phase and extraction batch size."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Head phase batch size."),
     patience: int = typer.Option(10, "--patience", help="Head phase early-stopping patience (epochs)."),
     ft_epochs: int = typer.Option(8, "--ft-epochs", help="Fine-tuning epochs at most."),
     ft_lr: float = typer.Option(1e-4, "--ft-lr", help="Fine-tuning rate of the head; the backbone gets lr/2 .. lr/200."),

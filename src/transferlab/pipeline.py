@@ -54,7 +54,8 @@ class TrainConfig:
         (backbone frozen for ``freeze_epochs``, then ``unfreeze`` stages with discriminative rates;
         the stages at output stride ``frozen_stride`` or finer never train, 0 trains them too);
         ``auto`` (default) does ``head`` first, then fine-tunes starting from that head.
-    head / dropout: MLP widths (empty: linear) and dropout. epochs / lr / patience: the head phase.
+    head / dropout: MLP widths (empty: linear) and dropout. epochs / lr / batch_size / patience: the head
+        phase (extraction picks its own batch size, see :class:`FeatureExtractor`).
     ft_epochs / ft_lr / ft_patience / ft_batch_size: the fine-tuning phase.
     augment: ``none|light|strong`` for fine-tuning; aug_views: augmented views cached per image (head).
     balance: ``none|weights|sampler`` against class imbalance (``class_weights='balanced'`` = weights).
@@ -171,8 +172,8 @@ def _labels(samples: Sequence[Sample], classes: list[str]) -> np.ndarray:
 def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skipped: list[Skipped],
                 history: History) -> tuple[Any, dict[str, Any], Dataset, dict[str, SplitResult]]:
     """Extract (cached) features, train the head; returns head, stats, the usable dataset, val/test results."""
-    extractor = FeatureExtractor(backbone, info, device=cfg.device, batch_size=cfg.batch_size,
-                                 workers=cfg.workers, mixed_precision=cfg.mixed_precision, quiet=cfg.quiet)
+    extractor = FeatureExtractor(backbone, info, device=cfg.device, workers=cfg.workers,
+                                 mixed_precision=cfg.mixed_precision, quiet=cfg.quiet)
     cache = None if cfg.no_cache else FeatureCache(cfg.cache_dir)
     t0 = time.perf_counter()
     paths = [s.path for s in ds.samples]

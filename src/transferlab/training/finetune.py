@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..backbones.models import Classifier, SimpleCNN
 from ..data.loader import ImageFiles, collate_images, worker_init
 from ..data.transforms import EvalTransform, TrainTransform
-from ..runtime import cpu_has_bf16
+from ..runtime import cpu_has_bf16, keep_freed_memory
 from .callbacks import BestWeights, History
 from .module import ClassifierModule
 from .trainer import make_trainer
@@ -311,6 +311,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     else:  # from scratch: every layer is new, so all of them train at the new head's rate
         groups.append({"params": [p for s in stages for p in s], "lr": cfg.head_lr or cfg.lr})
     model = model.to(memory_format=torch.channels_last)
+    keep_freed_memory()
     module = _FinetuneModule(model, lr=cfg.lr, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
                              class_weights=cfg.class_weights, warmup_epochs=cfg.warmup_epochs, param_groups=groups,
                              input_transform=_channels_last)
