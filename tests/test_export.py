@@ -62,6 +62,15 @@ def test_int8_check_decides(trained_run, tmp_path):
     check = json.loads(open(str(path) + ".check.json").read())
     assert "train images" in check["calibrated_on"] and 0 <= check["top1_agreement"] <= 1
     assert check["passed"] == (check["top1_agreement"] >= 0.99) == (not raised)
+    # the fp32 region is chosen on validation images, starting from the whole backbone in int8, and
+    # grows only while the validation agreement is below target
+    tried = check["selection"]
+    assert "val images" in check["selected_on"]
+    assert tried[0]["fp32_up_to_stride"] == 0 and tried[0]["int8_nodes"] == check["backbone_nodes"]
+    assert [t["fp32_up_to_stride"] for t in tried] == sorted({t["fp32_up_to_stride"] for t in tried})
+    assert all(t["val_agreement"] < 0.99 for t in tried[:-1])
+    chosen = [t for t in tried if t["fp32_up_to_stride"] == check["fp32_up_to_stride"]]
+    assert chosen[0]["int8_nodes"] == check["int8_nodes"]
 
 
 def test_failed_check_is_an_error(trained_run, tmp_path, monkeypatch):
@@ -114,4 +123,5 @@ def test_int8_export_passes_on_photographs(photos_dir, tmp_path):
     run = train(photos_dir, tmp_path / "run", mode="head", quiet=True)
     check = export_model(run.model_dir, "onnx", int8=True)
     assert check["passed"] and check["top1_agreement"] >= 0.99
+    assert check["fp32_up_to_stride"] == 0 and check["int8_nodes"] == check["backbone_nodes"]  # all int8
     assert check["max_abs_diff"] < 0.05  # int8 probabilities stay close, not only the argmax

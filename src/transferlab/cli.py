@@ -354,6 +354,8 @@ def export_cmd(model: Path = typer.Argument(..., help="Model directory."),
     out.print(f"[bold green]exported[/] {check['file']} ({check['bytes'] / 1e6:.1f} MB), checked on "
               f"{check['checked_on']}: max |p - p_torch| = {check['max_abs_diff']:.2e}, top-1 agreement "
               f"{100 * check['top1_agreement']:.1f}% ({check['criterion']}: passed)")
+    if "precision" in check:
+        out.print(check["precision"])
 
 
 def main(argv: list[str] | None = None) -> int:
