@@ -24,7 +24,7 @@ app.add_typer(data_app, name="data")
 
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("transferlab-demo"), "--out", help="Folder for data/ and run/."),
-         mode: str = typer.Option("head", "--mode", help="head (about 40 s), or auto / finetune (fine-tunes "
+         mode: str = typer.Option("head", "--mode", help="head (about 30 s), or auto / finetune (fine-tunes "
                                   "the network: several minutes on a CPU)."),
          quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Build a real dataset (scikit-learn's digits), train, evaluate, report and predict."""
