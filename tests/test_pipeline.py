@@ -86,6 +86,20 @@ def test_changed_file_is_recomputed_and_partial_extraction_resumes(digits_dir, t
     assert cache.info()[0].entries == len(paths) + 1
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_bad_files_are_reported_with_or_without_a_cache(digits_dir, tmp_path, cached):
+    from transferlab.backbones import create_backbone
+
+    good = sorted(str(p) for p in digits_dir.rglob("*.png"))[:3]
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    paths = [good[0], str(tmp_path / "missing.png"), good[1], str(tmp_path / "broken.png"), good[2]]
+    ex = FeatureExtractor(*create_backbone("efficientnet_lite0"), workers=0, quiet=True)
+    res = ex.extract(paths, FeatureCache(tmp_path / "cache") if cached else None)
+    assert res.ok.tolist() == [True, False, True, False, True]
+    assert set(res.errors) == {1, 3} and res.computed == 3
+    assert not res.features[~res.ok].any() and np.abs(res.features[res.ok]).sum(1).min() > 0
+
+
 def test_same_seed_same_metrics(digits_dir, tmp_path):
     a = train(digits_dir, tmp_path / "a", mode="head", quiet=True, epochs=5, seed=7)
     b = train(digits_dir, tmp_path / "b", mode="head", quiet=True, epochs=5, seed=7)

@@ -104,13 +104,13 @@ class FeatureExtractor:
         errors: dict[int, str] = {}
         ns: CacheNamespace | None = cache.namespace(self.description(view)) if cache is not None else None
         digests: list[str | None] = [""] * n  # content keys, only needed to read and write the cache
-        for i, p in enumerate(paths):
-            try:
-                digests[i] = file_digest(p) if ns is not None else ""
-            except OSError as exc:
-                digests[i] = None
-                errors[i] = f"cannot read file: {exc.strerror or exc}"
         if ns is not None:
+            for i, p in enumerate(paths):
+                try:
+                    digests[i] = file_digest(p)
+                except OSError as exc:
+                    digests[i] = None
+                    errors[i] = f"cannot read file: {exc.strerror or exc}"
             found = ns.get([d for d in digests if d])
             for i, d in enumerate(digests):
                 if d and d in found:
