@@ -55,7 +55,7 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
 
     By default every activation larger than a few MB is a fresh ``mmap``, and the kernel zeroes its
-    pages again on first touch: on this machine a third of a CPU forward pass went to those page
+    pages again on first touch: on this machine a quarter of a CPU forward pass went to those page
     faults. With large allocations served from the heap and no trimming, the pages are reused
     (forward pass measured 1.4x faster; BENCHMARKS.md). This is PyTorch's CPU tuning guide's
     "use a caching allocator" advice done with glibc itself. The price is that the process keeps
