@@ -119,11 +119,10 @@ def export_model(model: str | os.PathLike[str], fmt: str = "onnx", out: str | os
             x_val, val_source = _samples(cfg, transform, "val", n_check, seed=3)
             mixed = _quantize(out_path, x_cal, x_val, meta)
             mixed.update(calibrated_on=cal_source, selected_on=val_source)
-            chosen = next(a for a in mixed["selection"] if a["fp32_up_to_stride"] == mixed["fp32_up_to_stride"])
             fp32 = (f"the layers at output stride <= {mixed['fp32_up_to_stride']} stay fp32"
                     if mixed["fp32_up_to_stride"] else "no backbone layer stays fp32")
             mixed["precision"] = (f"int8 on {mixed['int8_nodes']} of {mixed['backbone_nodes']} backbone nodes; {fp32} "
-                                  f"(top-1 agreement {100 * chosen['val_agreement']:.1f}% on {val_source})")
+                                  f"(top-1 agreement {100 * mixed['val_agreement']:.1f}% on {val_source})")
         got = _run_onnx(out_path, x_check)
     diff = float(np.abs(got - reference).max())
     agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
@@ -253,27 +252,27 @@ def _quantize(path: Path, x_cal: torch.Tensor, x_val: torch.Tensor, meta: dict[s
         levels = sorted({stride[n] for n in backbone if stride[n] < 1 << 30})
         cache = Path(d) / "calibration.json"  # activation ranges: computed once, reused by every attempt
         attempts: list[dict[str, Any]] = []
+        files: list[Path] = []
         for k, fp32_up_to in enumerate([0] + levels[:-1]):
             names = [n for n in backbone if stride[n] > fp32_up_to]
             out = Path(d) / f"attempt{k}.onnx"
+            files.append(out)
             with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
                 quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.Percentile, nodes_to_quantize=names,
                                 calibration_cache_path=str(cache))
             agreement = float(np.mean(_run_onnx(out, x_val).argmax(1) == reference))
-            attempts.append({"fp32_up_to_stride": fp32_up_to, "int8_nodes": len(names), "file": out,
+            attempts.append({"fp32_up_to_stride": fp32_up_to, "int8_nodes": len(names),
                              "val_agreement": agreement})
             if agreement >= INT8_MIN_AGREEMENT:
                 break
-        best = max(attempts, key=lambda a: (a["val_agreement"] >= INT8_MIN_AGREEMENT, a["val_agreement"]))
+        # the first attempt that met the target, else the best (the fewest fp32 layers among equals)
+        best = max(range(len(attempts)), key=lambda i: attempts[i]["val_agreement"])
         tmp = path.with_suffix(path.suffix + ".tmp")
-        shutil.move(str(best.pop("file")), tmp)
-        for a in attempts:
-            a.pop("file", None)
+        shutil.move(str(files[best]), tmp)
     _finish_onnx(tmp, path, meta)
-    return {"fp32_up_to_stride": best["fp32_up_to_stride"], "int8_nodes": best["int8_nodes"],
-            "backbone_nodes": len(backbone), "selection": attempts}
+    return {**attempts[best], "backbone_nodes": len(backbone), "selection": attempts}
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:

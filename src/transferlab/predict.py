@@ -181,8 +181,8 @@ def checked_onnx_export(model_dir: str | os.PathLike[str]) -> Path | None:
 def onnx_pays(device: str | None, mixed_precision: bool) -> bool:
     """Whether ONNX Runtime beats the PyTorch path here: on a CPU that runs the network in fp32.
 
-    Measured on this project's machine (bench/bench_speed.py): ONNX Runtime fp32 is about 1.7x the
-    PyTorch fp32 path, but slower than PyTorch's bf16 path where the CPU has native bf16."""
+    Measured on this project's machine (bench/bench_speed.py, batch throughput): ONNX Runtime fp32 is
+    1.4-1.7x the PyTorch fp32 path, but no faster than PyTorch's bf16 path where the CPU has native bf16."""
     return pick_device(device).type == "cpu" and not (mixed_precision and cpu_has_bf16())
 
 
