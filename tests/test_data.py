@@ -153,3 +153,84 @@ def test_presplit_layout_kept(tmp_path):
     assert ds.layout == "presplit"
     for s in ds.samples:
         assert f"/{s.split}/{s.label}/" in s.path
+
+
+def _write_idx(path, array: np.ndarray, gz: bool) -> None:
+    """An IDX file as the MNIST distribution writes it (unsigned bytes, big-endian dimensions)."""
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def _idx_folder(root, n_train: int = 60, n_test: int = 20, gz: bool = True):
+    """Tiny MNIST-format files: 28x28 images whose pixels encode their index (so files can be traced)."""
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
+        images[:, 0, 0] = np.arange(n) % 256
+        _write_idx(root / f"{stem}-images-idx3-ubyte", images, gz)
+        _write_idx(root / f"{stem}-labels-idx1-ubyte", labels, gz)
+    return root
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_import_writes_presplit_folders(tmp_path, gz):
+    from transferlab.data.imports import import_idx, read_idx
+
+    src = _idx_folder(tmp_path / "src", gz=gz)
+    counts = import_idx("fashion-mnist", src, tmp_path / "out", train_per_class=3, val_per_class=2, seed=1)
+    assert counts == {"train": 30, "val": 20, "test": 20}
+    ds = scan(tmp_path / "out")
+    assert ds.layout == "presplit" and len(ds.classes) == 10 and "T-shirt_top" in ds.classes
+    assert {s.split for s in ds.samples} == {"train", "val", "test"}
+    train = {s.path for s in ds.samples if s.split == "train"}
+    val = {s.path for s in ds.samples if s.split == "val"}
+    assert not train & val
+    # pixels survive: a train file's first pixel is its index in the source file
+    some = next(p for p in sorted(train))
+    index = int(some.rsplit("_", 1)[1].split(".")[0])
+    images = read_idx(next(src.glob("train-images*")))
+    assert np.array_equal(np.asarray(Image.open(some)), images[index])
+    assert Image.open(some).size == (28, 28)
+
+
+def test_idx_import_everything_and_errors(tmp_path):
+    from transferlab.data.imports import import_idx, read_idx
+
+    src = _idx_folder(tmp_path / "src", gz=False)
+    assert import_idx("mnist", src, tmp_path / "all") == {"train": 60, "test": 20}
+    assert sorted(p.name for p in (tmp_path / "all" / "train").iterdir()) == [str(d) for d in range(10)]
+    bad = tmp_path / "bad-idx"
+    bad.write_bytes(b"\x01\x02\x03\x04" + b"\x00" * 16)
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(bad)
+    short = tmp_path / "short-idx"
+    short.write_bytes(bytes([0, 0, 8, 1]) + (100).to_bytes(4, "big") + b"\x00" * 10)
+    with pytest.raises(DataError, match="needs 100"):
+        read_idx(short)
+    with pytest.raises(DataError, match="no t10k-images"):
+        (src / "t10k-images-idx3-ubyte").unlink()
+        import_idx("mnist", src, tmp_path / "x")
+    with pytest.raises(DataError, match="unknown dataset"):
+        import_idx("kmnist", src, tmp_path / "x")
+
+
+def test_idx_import_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from transferlab.cli import app
+
+    src = _idx_folder(tmp_path / "src")
+    res = CliRunner().invoke(app, ["data", "import", "fashion-mnist", str(src), "--out", str(tmp_path / "o"),
+                                   "--per-class", "2", "--val-per-class", "1"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "o" / "train").rglob("*.png"))) == 20
+    assert len(list((tmp_path / "o" / "val").rglob("*.png"))) == 10

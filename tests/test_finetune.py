@@ -58,7 +58,24 @@ def test_sigkill_then_resume_matches_uninterrupted(digits_dir, tmp_path):
     load_model(tmp_path / "killed" / "model").predict_proba([str(next(digits_dir.rglob("*.png")))])
 
 
-def test_time_limit_stops_in_time_with_saved_model(digits_dir, tmp_path):
+def test_time_limit_plans_the_epochs(digits_dir, tmp_path):
+    res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=200, ft_patience=200, time_limit=60,
+                image_size=64, workers=0, quiet=True)
+    plan = res.metrics["plan"]
+    assert plan["budget_s"] == 60 and plan["image_size"] == 64
+    assert plan["epochs"] <= 8  # what is worth planning for 140 images, not the 200 allowed
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["epochs"] == plan["epochs"]
+    assert res.metrics["finetune"]["validations"]  # every validation pass is recorded
+
+
+def test_time_limit_stops_in_time_when_the_plan_is_wrong(digits_dir, tmp_path, monkeypatch):
+    import transferlab.planning as planning
+    from transferlab.training.plan import Costs
+
+    def optimistic(*_a, **_k):  # a plan that believes 200 epochs take no time: the deadline must still hold
+        return Costs({64: 1e-6}, {64: 1e-6})
+
+    monkeypatch.setattr(planning, "measure_costs", optimistic)
     t = time.time()
     res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=200, ft_patience=200, time_limit=25,
                 image_size=64, workers=0, quiet=True)

@@ -27,7 +27,7 @@ def test_report_has_every_section(trained_run):
     html = (trained_run.run_dir / "report.html").read_text()
     for heading in SECTIONS:
         assert f">{heading}<" in html, heading
-    assert "ECE" in html and "macro avg" in html and "weighted avg" in html
+    assert "Expected calibration error (ECE" in html and "macro avg" in html and "weighted avg" in html
     assert "http://" not in html and "https://" not in html
 
 

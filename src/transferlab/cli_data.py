@@ -91,6 +91,35 @@ def _import_cifar(kind: str, source: str, out_dir: Path, allow_download: bool) -
     out.print(f"wrote {kind} to {out_dir}: {counts}")
 
 
+def _import_idx(kind: str, source: Path, out_dir: Path, per_class: Optional[int], val_per_class: int,
+                seed: int) -> None:
+    from .data.imports import import_idx
+
+    counts = import_idx(kind, source, out_dir, train_per_class=per_class, val_per_class=val_per_class, seed=seed)
+    out.print(f"wrote {kind} to {out_dir}: {counts}")
+
+
+_IDX_SOURCE = typer.Argument(..., help="Folder with the four IDX files (e.g. /usr/share/datasets/fashion-mnist).")
+_PER_CLASS = typer.Option(None, "--per-class", help="Keep N training images per class (seeded); default all.")
+_VAL_PER_CLASS = typer.Option(0, "--val-per-class", help="Hold out N training images per class as val/ (seeded).")
+
+
+@import_app.command("fashion-mnist")
+def import_fashion_mnist(source: Path = _IDX_SOURCE, out_dir: Path = typer.Option(..., "--out"),
+                         per_class: Optional[int] = _PER_CLASS, val_per_class: int = _VAL_PER_CLASS,
+                         seed: int = typer.Option(0, "--seed")) -> None:
+    """Fashion-MNIST IDX files -> OUT/{train,[val,]test}/<class>/*.png."""
+    _import_idx("fashion-mnist", source, out_dir, per_class, val_per_class, seed)
+
+
+@import_app.command("mnist")
+def import_mnist(source: Path = _IDX_SOURCE, out_dir: Path = typer.Option(..., "--out"),
+                 per_class: Optional[int] = _PER_CLASS, val_per_class: int = _VAL_PER_CLASS,
+                 seed: int = typer.Option(0, "--seed")) -> None:
+    """MNIST IDX files -> OUT/{train,[val,]test}/<class>/*.png."""
+    _import_idx("mnist", source, out_dir, per_class, val_per_class, seed)
+
+
 @import_app.command("csv")
 def import_csv(manifest: Path = typer.Argument(..., help="path,label[,split] CSV"), out_dir: Path = typer.Option(..., "--out")) -> None:
     """Copy the images of a CSV manifest into class folders."""

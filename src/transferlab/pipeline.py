@@ -32,10 +32,12 @@ from .evaluation.outputs import SplitResult, write_run_outputs
 from .evaluation.sections import report_sections
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor, default_workers
+from .planning import plan_finetune, plan_run
 from .predict import Predictor
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
-from .training.head import HeadConfig, balanced_class_weights, fit_head
+from .training.plan import Plan
+from .training.head import HeadConfig, balanced_class_weights, fit_head, fit_probe
 
 __all__ = ["TrainConfig", "RunResult", "train", "default_run_dir"]
 
@@ -82,7 +84,7 @@ class TrainConfig:
     balance: str = "none"
     aug_views: int = 0
     ft_epochs: int = 8
-    ft_lr: float = 1e-4
+    ft_lr: float = 1e-3
     ft_batch_size: int = 32
     ft_patience: int = 3
     ft_label_smoothing: float = 0.1
@@ -206,7 +208,10 @@ def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skippe
                           label_smoothing=cfg.label_smoothing, class_weights=weights,
                           balance_sampler=cfg.balance == "sampler", seed=cfg.seed, quiet=cfg.quiet)
     xva, yva = feats[by["val"]], _labels([keep[i] for i in by["val"]], ds.classes)
-    result = fit_head(xtr, ytr, xva, yva, n_classes, head_cfg, log_dir=run / "logs", history=history)
+    if cfg.head:
+        result = fit_head(xtr, ytr, xva, yva, n_classes, head_cfg, log_dir=run / "logs", history=history)
+    else:
+        result = fit_probe(xtr, ytr, xva, yva, n_classes, head_cfg, history=history)
     results = {}
     for sp in ("val", "test"):
         if by[sp]:
@@ -297,6 +302,11 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
                                      image_size=cfg.image_size)
     use_head = cfg.mode == "head" or (cfg.mode == "auto" and info.pretrained)
     use_ft = cfg.mode == "finetune" or (cfg.mode == "auto")
+    if resume and (run / "plan.json").is_file():  # a resumed run keeps its input size
+        cfg = replace(cfg, image_size=json.loads((run / "plan.json").read_text(encoding="utf-8"))["image_size"])
+    plan = plan_run(ds, cfg, backbone, info, use_ft, wall_start)
+    info = replace(info, preprocessing=replace(info.preprocessing, size=plan.image_size))
+    _announce(plan, run)
     history = History(run / "logs" / "history.csv", "head")
     stats: dict[str, Any] = {"extract_s": 0.0, "head_s": 0.0, "features_computed": 0, "features_cached": 0}
     results: dict[str, SplitResult] = {}
@@ -308,14 +318,19 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     ft: FinetuneResult | None = None
     t_ft = time.perf_counter()
     if use_ft:
+        plan = plan_finetune(plan, ds, cfg, model, info, stats, wall_start)
+        _announce(plan, run)
+        use_ft = plan.finetune
+    if use_ft:
         train_s = [s for s in ds.samples if s.split == "train"]
         val_s = [s for s in ds.samples if s.split == "val"]
         ytr = _labels(train_s, ds.classes)
         _check_train_classes(ytr, ds.classes)
         history.phase = "finetune"
         ft_cfg = FinetuneConfig(
-            epochs=cfg.ft_epochs, lr=cfg.ft_lr, freeze_epochs=0 if use_head else cfg.freeze_epochs,
-            head_lr=None if use_head else 10 * cfg.ft_lr,
+            epochs=plan.epochs, lr=cfg.ft_lr, freeze_epochs=0 if use_head else cfg.freeze_epochs,
+            head_lr=None if use_head else 2 * cfg.ft_lr, val_every=plan.val_every,
+            discard_after_s=(plan.budget_s or plan.estimate.get("total", 0.0)) / 3,
             unfreeze=cfg.unfreeze, frozen_stride=cfg.frozen_stride, weight_decay=cfg.weight_decay, label_smoothing=cfg.ft_label_smoothing,
             batch_size=cfg.ft_batch_size, patience=cfg.ft_patience, grad_clip=cfg.grad_clip, augment=cfg.augment,
             class_weights=balanced_class_weights(ytr, n_classes) if cfg.loss_weights else None,
@@ -323,7 +338,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
             workers=default_workers() if cfg.workers is None else cfg.workers, accelerator=cfg.accelerator,
             devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
             mixed_precision=cfg.mixed_precision, deadline=deadline, quiet=cfg.quiet,
-            reserve_s=8.0 + (len(val_s) + sum(1 for s in ds.samples if s.split == "test")) / 60.0,
+            reserve_s=plan.estimate.get("evaluate", 15.0),
             initial_val_loss=calibrated_nll(results["val"].probs, results["val"].y_true)
             if use_head and not resume and "val" in results else None)
         ft = fit_finetune(model, [s.path for s in train_s], ytr.tolist(), [s.path for s in val_s],
@@ -332,10 +347,18 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         if not ft.is_global_zero:
             return RunResult(run, {}, run / "model", is_global_zero=False)
         model = ft.model
-        results = _evaluate_files(model, ds, cfg)
+        if ft.improved or not results:  # else the model is the head's, already evaluated on its features
+            results = _evaluate_files(model, ds, cfg)
     ft_s = time.perf_counter() - t_ft if use_ft else 0.0
     return _finish(run, data, ds, cfg, info, model, results, history, skipped, stats, ft, ft_s, t_start,
-                   report.warnings)
+                   report.warnings, plan)
+
+
+def _announce(plan: Plan, run: Path) -> None:
+    """Print the plan and keep it in the run directory (``plan.json``; ``metrics.json`` has it too)."""
+    for line in plan.describe():
+        log.info(line)
+    write_json(run / "plan.json", plan.to_dict())
 
 
 def _evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[str, SplitResult]:
@@ -371,7 +394,8 @@ def _calibrate(results: dict[str, SplitResult]) -> tuple[dict[str, Any], np.ndar
 
 def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, model: Classifier,
             results: dict[str, SplitResult], history: History, skipped: list[Skipped], stats: dict[str, Any],
-            ft: FinetuneResult | None, ft_s: float, t_start: float, audit_warnings: Sequence[str] = ()) -> RunResult:
+            ft: FinetuneResult | None, ft_s: float, t_start: float, audit_warnings: Sequence[str] = (),
+            plan: Plan | None = None) -> RunResult:
     write_split_csv(ds.samples, run / "split.csv")
     write_skipped_csv(skipped, run / "skipped.csv")
     calibration, val_before = _calibrate(results)
@@ -384,6 +408,9 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
               "head_s": round(stats["head_s"], 4), "finetune_s": round(ft_s, 4),
               "features_computed": stats["features_computed"], "features_cached": stats["features_cached"]}
     warnings = list(audit_warnings)
+    if ft is not None and not ft.improved:
+        why = " (stopped once a third of the budget had gone without gain)" if ft.stopped_unpaid else ""
+        warnings.append(f"fine-tuning did not beat the head on the validation split{why}; the head was kept.")
     if ft is not None and ft.stopped_by_time:
         warnings.append(f"training stopped by the time limit ({cfg.time_limit:g}s) after {ft.epochs_run} "
                         "fine-tuning epoch(s); the best model so far was evaluated and saved.")
@@ -400,7 +427,8 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
                                 skipped=[(k.path, k.reason) for k in skipped], warnings=warnings,
                                 extra_metrics={"timing": timing, "backbone": info.name, "n_images": n_images,
                                                "mode": cfg.mode, "stopped_by_time": bool(ft and ft.stopped_by_time),
-                                               "calibration": calibration, **extra},
+                                               "calibration": calibration, "plan": plan.to_dict() if plan else None,
+                                               "finetune": _finetune_record(ft, ft_s), **extra},
                                 extra_sections=sections,
                                 title=f"transferlab: {Path(data).name}", top_k=cfg.top_k)
     model_cfg = {
@@ -418,6 +446,15 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
     }
     model_dir = save_artifact(run / "model", model.cpu().to(memory_format=torch.contiguous_format), model_cfg)
     return RunResult(run, metrics, model_dir, warnings)
+
+
+def _finetune_record(ft: FinetuneResult | None, seconds: float) -> dict[str, Any] | None:
+    """What fine-tuning did: every validation pass, whether its result was kept, and why it stopped."""
+    if ft is None:
+        return None
+    return {"seconds": round(seconds, 2), "kept": ft.improved, "epochs_run": ft.epochs_run,
+            "stopped_by_time": ft.stopped_by_time, "stopped_unpaid": ft.stopped_unpaid,
+            "validations": ft.validations}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

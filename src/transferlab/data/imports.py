@@ -1,4 +1,5 @@
-"""Importing datasets into class folders: CIFAR-10/100 python archives and CSV manifests.
+"""Importing datasets into class folders: CIFAR-10/100 python archives, MNIST/Fashion-MNIST IDX files
+and CSV manifests.
 
 The CIFAR "python version" batches are pickles. They are read with a restricted unpickler that only
 rebuilds plain containers and numpy arrays, so a doctored archive cannot run code.
@@ -6,6 +7,7 @@ rebuilds plain containers and numpy arrays, so a doctored archive cannot run cod
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
@@ -21,7 +23,7 @@ from .._io import atomic_path
 from ..errors import DataError
 from .scan import scan
 
-__all__ = ["import_cifar", "import_manifest", "CIFAR_URLS"]
+__all__ = ["import_cifar", "import_idx", "read_idx", "import_manifest", "CIFAR_URLS", "IDX_CLASSES"]
 
 CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
               "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
@@ -99,6 +101,111 @@ def import_cifar(kind: str, source: str | None, out: str | os.PathLike[str], all
                 Image.fromarray(img).save(folder / f"{fname}_{n:05d}.png")
                 n += 1
         counts[split] = n
+    return counts
+
+
+IDX_CLASSES = {
+    "mnist": [str(d) for d in range(10)],
+    # Fashion-MNIST's names, with "/" (not allowed in a folder name) written as "_"
+    "fashion-mnist": ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+}
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one IDX file (the MNIST format; gzip-compressed or not) as a numpy array.
+
+    Raises :class:`DataError` naming the file when its header or size does not match the format.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file '{path}': {exc}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError(f"'{path}' is not an IDX file (expected a 0x0000 magic number and a known type code).")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise DataError(f"'{path}' is not an IDX file: truncated header.")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(f"'{path}' holds {len(data) - header} bytes of data; its header {shape} needs {expected}.")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _idx_pair(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    arrays = []
+    for stem in _IDX_FILES[split]:
+        found = [folder / n for n in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
+                                      stem.replace("-idx", ".idx") + ".gz") if (folder / n).is_file()]
+        if not found:
+            raise DataError(f"'{folder}' has no {stem}[.gz]: give the folder holding the four IDX files "
+                            "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-...).")
+        arrays.append(read_idx(found[0]))
+    images, labels = arrays
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"IDX files in '{folder}' for {split} do not match: images {images.shape}, labels {labels.shape}.")
+    return images, labels.astype(np.int64)
+
+
+def import_idx(kind: str, source: str | os.PathLike[str], out: str | os.PathLike[str], *,
+               train_per_class: int | None = None, val_per_class: int = 0, seed: int = 0) -> dict[str, int]:
+    """Write MNIST or Fashion-MNIST IDX files as PNG class folders; returns counts per split.
+
+    ``source`` is the folder with the four files (Debian's ``dataset-fashion-mnist`` package puts them in
+    ``/usr/share/datasets/fashion-mnist``). Writes ``out/{train,test}/<class>/<n>.png``; with
+    ``val_per_class`` or ``train_per_class`` it draws, per class and seeded, a validation split and a
+    training subset from the official training set (disjoint) and writes ``out/{train,val,test}``.
+    The official test set is always written whole.
+
+    Example:
+        >>> import_idx("fashion-mnist", "/usr/share/datasets/fashion-mnist", "fmnist", train_per_class=100,
+        ...            val_per_class=20)  # doctest: +SKIP
+    """
+    if kind not in IDX_CLASSES:
+        raise DataError(f"unknown dataset {kind!r}: expected one of {', '.join(IDX_CLASSES)}")
+    folder = Path(source)
+    if not folder.is_dir():
+        raise DataError(f"'{source}' is not a folder: give the folder holding the {kind} IDX files.")
+    if (train_per_class is not None and train_per_class < 1) or val_per_class < 0:
+        raise DataError(f"train_per_class={train_per_class}, val_per_class={val_per_class}: expected at least 1 "
+                        "training image and 0 or more validation images per class.")
+    names = IDX_CLASSES[kind]
+    train_x, train_y = _idx_pair(folder, "train")
+    test_x, test_y = _idx_pair(folder, "test")
+    if max(train_y.max(), test_y.max()) >= len(names) or min(train_y.min(), test_y.min()) < 0:
+        raise DataError(f"labels in '{folder}' fall outside 0..{len(names) - 1}: are these {kind} files?")
+    picks: dict[str, np.ndarray] = {"train": np.arange(len(train_y))}
+    if train_per_class is not None or val_per_class:
+        rng = np.random.default_rng(seed)
+        tr, va = [], []
+        for c in range(len(names)):
+            idx = rng.permutation(np.flatnonzero(train_y == c))
+            if len(idx) <= val_per_class:
+                raise DataError(f"class {names[c]!r} has {len(idx)} training images; cannot hold out {val_per_class}.")
+            va.append(idx[:val_per_class])
+            tr.append(idx[val_per_class:][:train_per_class])
+        picks = {"train": np.sort(np.concatenate(tr)), "val": np.sort(np.concatenate(va))}
+    out = Path(out)
+    counts: dict[str, int] = {}
+    for split, (x, y, idx) in {**{s: (train_x, train_y, i) for s, i in picks.items() if len(i)},
+                               "test": (test_x, test_y, np.arange(len(test_y)))}.items():
+        for c in range(len(names)):
+            (out / split / names[c]).mkdir(parents=True, exist_ok=True)
+        for i in idx:
+            path = out / split / names[int(y[i])] / f"{'test' if split == 'test' else 'train'}_{i:05d}.png"
+            if not path.exists():
+                with atomic_path(path) as tmp:
+                    Image.fromarray(np.ascontiguousarray(x[i], dtype=np.uint8), "L").save(tmp, format="PNG")
+        counts[split] = int(len(idx))
     return counts
 
 

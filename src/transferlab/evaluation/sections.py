@@ -89,7 +89,7 @@ def report_sections(model: Any, labels: Sequence[str], test: SplitResult | None,
         png = reliability_png([("before", val_probs_uncalibrated, val.y_true), ("after", val.probs, val.y_true)])
         t = calibration.get("temperature", 1.0)
         body = (f"<p>Temperature scaling fitted on the validation split: T = {t:.3f}. Expected calibration error "
-                f"(validation) before: <b>{calibration.get('val_ece_before', float('nan')):.4f}</b>, after: "
+                f"(ECE, validation) before: <b>{calibration.get('val_ece_before', float('nan')):.4f}</b>, after: "
                 f"<b>{calibration.get('val_ece_after', float('nan')):.4f}</b>. Predictions use the calibrated "
                 "probabilities (<code>predict --no-calibration</code> turns it off); the ranking of classes "
                 "never changes.</p>" + _img(png, "reliability diagram"))

@@ -7,6 +7,7 @@ import csv
 import io
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from .._io import write_text
 
-__all__ = ["History", "BestWeights", "HISTORY_FIELDS"]
+__all__ = ["History", "BestWeights", "MustPay", "HISTORY_FIELDS"]
 
 HISTORY_FIELDS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
@@ -72,13 +73,30 @@ class History(L.Callback):
 
 
 class BestWeights(L.Callback):
-    """Keeps a copy of the module's weights at the best ``monitor`` value; restores them at the end."""
+    """Keeps a copy of the module's weights at the best ``monitor`` value; restores them at the end.
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "min") -> None:
+    ``validations`` records every validation pass: training step, epochs done, seconds since the fit
+    started, the monitored value, validation accuracy and whether it was the best so far. With
+    ``averaging`` (Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging`, which validates
+    the averaged weights), the averaged weights are the ones kept.
+    """
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", averaging: Any = None) -> None:
         self.monitor, self.mode = monitor, mode
+        self.averaging = averaging
         self.best: float | None = None
         self.best_epoch: int = -1
         self.state: dict[str, torch.Tensor] | None = None
+        self.validations: list[dict[str, Any]] = []
+        self._t0 = time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    @property
+    def improved(self) -> bool:
+        """Whether any validation pass beat the starting point."""
+        return self.best_epoch >= 0
 
     def _better(self, value: float) -> bool:
         if self.best is None or math.isnan(self.best):
@@ -89,9 +107,18 @@ class BestWeights(L.Callback):
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[self.monitor])
-        if self._better(value):
+        better = self._better(value)
+        batches = trainer.num_training_batches if math.isfinite(trainer.num_training_batches) else 0
+        acc = trainer.callback_metrics.get("val_acc")
+        self.validations.append({"step": int(trainer.global_step),
+                                 "epoch": round(trainer.global_step / batches, 3) if batches else None,
+                                 "seconds": round(time.perf_counter() - self._t0, 2), self.monitor: value,
+                                 "val_acc": float(acc) if acc is not None else None, "best": better})
+        if better:
             self.best, self.best_epoch = value, trainer.current_epoch
-            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.state_dict().items()})
+            averaged = getattr(self.averaging, "_average_model", None)  # Lightning keeps it private
+            source = averaged.module if averaged is not None else pl_module
+            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in source.state_dict().items()})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.state is not None:
@@ -104,3 +131,30 @@ class BestWeights(L.Callback):
         self.best = state_dict.get("best")
         self.best_epoch = state_dict.get("best_epoch", -1)
         self.state = state_dict.get("state")
+
+
+class MustPay(L.Callback):
+    """Stops a fine-tuning that has not beaten its starting point (``best.improved`` is False) before
+    ``limit_s`` seconds of it are spent: at each validation pass, if the next stretch of training
+    would end past the limit. So a fine-tuning whose result would be thrown away costs at most
+    ``limit_s`` (the pipeline gives a third of the budget). The decision is shared by every process.
+    """
+
+    def __init__(self, best: BestWeights, limit_s: float) -> None:
+        self.best, self.limit_s = best, limit_s
+        self.triggered = False
+        self._t0 = self._last = time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = self._last = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        now = time.perf_counter()
+        stretch, self._last = now - self._last, now
+        stop = not self.best.improved and (now - self._t0) + stretch > self.limit_s
+        stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+        if stop:
+            trainer.should_stop = True
+            self.triggered = True

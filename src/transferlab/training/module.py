@@ -38,20 +38,22 @@ class ClassifierModule(L.LightningModule):
         param_groups: optimiser groups ``[{"params": [...], "lr": ...}]``; default one group at ``lr``.
         lr: base learning rate. weight_decay: AdamW decay. label_smoothing: cross-entropy smoothing.
         class_weights: per-class loss weights (``None``: unweighted).
-        warmup_epochs: epochs of linear warm-up before the cosine decay.
+        warmup: share of the training steps spent in linear warm-up before the cosine decay.
         input_transform: applied to inputs on the device before ``model`` (e.g. channels_last).
+        optimizer: ``adamw`` (default) or ``sgd`` (Nesterov momentum 0.9).
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 1e-4,
                  label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
-                 warmup_epochs: float = 0.0, param_groups: list[dict[str, Any]] | None = None,
-                 input_transform: Any = None) -> None:
+                 warmup: float = 0.0, param_groups: list[dict[str, Any]] | None = None,
+                 input_transform: Any = None, optimizer: str = "adamw") -> None:
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
-        self.warmup_epochs = warmup_epochs
+        self.warmup = warmup
         self.param_groups = param_groups
         self.input_transform = input_transform
+        self.optimizer = optimizer
         w = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", w, persistent=False)
         self._val_out: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -99,9 +101,11 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         groups = self.param_groups or [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
-        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        warmup = int(round(self.warmup_epochs * total / epochs))
+        warmup = int(round(self.warmup * total))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

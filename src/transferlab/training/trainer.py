@@ -30,8 +30,10 @@ def make_trainer(log_dir: str | os.PathLike[str] | None, *, max_epochs: int, cal
                  devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
                  precision: str | None = None, max_time: str | None = None,
                  gradient_clip_val: float | None = None, checkpoint: bool = False,
-                 deterministic: bool = True) -> L.Trainer:
-    """A Trainer with TensorBoard logs under ``log_dir`` (``None``: no loggers)."""
+                 deterministic: bool = True, max_steps: int = -1,
+                 val_check_interval: float | None = None) -> L.Trainer:
+    """A Trainer with TensorBoard logs under ``log_dir`` (``None``: no loggers). ``val_check_interval``:
+    the share of an epoch between validation passes (default: once, at each epoch's end)."""
     quiet_lightning()
     if strategy == "ddp":  # frozen stages leave parameters unused in some epochs
         from lightning.pytorch.strategies import DDPStrategy
@@ -44,7 +46,8 @@ def make_trainer(log_dir: str | os.PathLike[str] | None, *, max_epochs: int, cal
         loggers = [TensorBoardLogger(str(Path(log_dir)), name="tensorboard", version=version,
                                      default_hp_metric=False)]
     return L.Trainer(
-        max_epochs=max_epochs, callbacks=callbacks, logger=loggers, enable_checkpointing=checkpoint,
+        max_epochs=max_epochs, max_steps=max_steps, callbacks=callbacks,
+        val_check_interval=val_check_interval, logger=loggers, enable_checkpointing=checkpoint,
         enable_progress_bar=not quiet, enable_model_summary=False, num_sanity_val_steps=0,
         accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
         precision=precision, max_time=max_time, gradient_clip_val=gradient_clip_val,

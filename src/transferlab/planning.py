@@ -1,0 +1,85 @@
+"""The run's plan, made twice: before extraction (input size) and before fine-tuning (how long).
+
+Glue between the pipeline and :mod:`transferlab.training.plan`: it measures this machine's costs on
+the run's own backbone and files, and refines the fine-tuning length with the time actually left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+from .backbones.models import BackboneInfo, Classifier, FeatureBackbone, build_head
+from .data.scan import Dataset
+from .features.extract import default_workers
+from .training.finetune import backbone_stages, early_stages
+from .training.plan import Costs, Plan, candidate_sizes, make_plan, measure_costs, native_size, sample_paths, \
+    useful_size
+
+__all__ = ["plan_run", "plan_finetune"]
+
+log = logging.getLogger("transferlab")
+
+
+def _counts(ds: Dataset) -> dict[str, int]:
+    return {sp: sum(1 for s in ds.samples if s.split == sp) for sp in ("train", "val", "test")}
+
+
+def _trainable(model: Classifier, info: BackboneInfo, frozen_stride: int) -> list[Any]:
+    stages = backbone_stages(model.backbone)
+    frozen = early_stages(model.backbone, stages, info.preprocessing.size, frozen_stride) if info.pretrained else 0
+    return [p for s in stages[frozen:] for p in s] + list(model.head.parameters())
+
+
+def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInfo, finetune: bool,
+             started_at: float) -> Plan:
+    """The first plan: input size (from the images' resolution and the budget) and a first estimate.
+
+    ``cfg`` is the run's :class:`~transferlab.pipeline.TrainConfig`; ``started_at`` the ``time.time()``
+    from which its ``time_limit`` counts.
+    """
+    n = _counts(ds)
+    native = native_size(ds.infos)
+    default = info.preprocessing.size
+    if cfg.image_size:
+        sizes = [int(cfg.image_size)]
+    elif cfg.time_limit:
+        cands = candidate_sizes(native, default)
+        sizes = sorted({cands[0], cands[-1]})
+    else:
+        sizes = [useful_size(native, default)]
+    model = Classifier(backbone, build_head(info.num_features, len(ds.classes)), info.preprocessing)
+    train_paths = [s.path for s in ds.samples if s.split == "train"]
+    costs = measure_costs(model, info.preprocessing, sizes, sample_paths(train_paths, seed=cfg.seed),
+                          batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride),
+                          mixed_precision=cfg.mixed_precision, workers=_workers(cfg), train=finetune)
+    if not finetune:
+        costs = Costs(costs.eval_s, {s: 0.0 for s in costs.eval_s})
+    return make_plan(native=native, default_size=default, n_extract=len(ds.samples), n_train=n["train"],
+                     n_val=n["val"], n_test=n["test"], costs=costs, finetune=finetune, budget_s=cfg.time_limit,
+                     elapsed_s=time.time() - started_at, max_epochs=cfg.ft_epochs, image_size=cfg.image_size)
+
+
+def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: BackboneInfo, stats: dict[str, Any],
+                  started_at: float) -> Plan:
+    """The plan again before fine-tuning, on costs measured at the chosen size (a few training steps,
+    and the extraction just done) and with the time actually left."""
+    n = _counts(ds)
+    train_paths = [s.path for s in ds.samples if s.split == "train"]
+    costs = measure_costs(model, info.preprocessing, [plan.image_size], sample_paths(train_paths, seed=cfg.seed),
+                          batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride),
+                          mixed_precision=cfg.mixed_precision, workers=_workers(cfg), train=True)
+    if stats.get("features_computed", 0) >= 256 and stats.get("extract_s", 0) > 0:  # measured on the real files
+        costs.eval_s[plan.image_size] = stats["extract_s"] / stats["features_computed"]
+    again = make_plan(native=plan.native_size, default_size=plan.image_size, n_extract=0, n_train=n["train"],
+                      n_val=n["val"], n_test=n["test"], costs=costs, finetune=True, budget_s=cfg.time_limit,
+                      elapsed_s=time.time() - started_at, max_epochs=cfg.ft_epochs, image_size=plan.image_size,
+                      head_s=0.0)
+    reasons = [r for r in plan.reasons if "fine-tuning" not in r] + [r for r in again.reasons if "--image-size" not in r]
+    return replace(again, reasons=reasons)
+
+
+def _workers(cfg: Any) -> int:
+    return default_workers() if cfg.workers is None else cfg.workers

@@ -1,0 +1,304 @@
+"""Planning a run: the input size from the data's own resolution, and what fits in a time budget.
+
+A plan is made from costs measured on this machine in a few seconds (a forward pass and a training
+step on synthetic batches at two sizes, and the decoding of a few of the user's files), not from a
+table. With a time limit it chooses the largest input size at which extraction, the head, enough
+fine-tuning and the final evaluation fit, and fewer fine-tuning epochs, or none, when they do not.
+Without one it says how long the run will take before it starts.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.images import ImageInfo, load_image
+from ..data.transforms import EvalTransform, Preprocessing, TrainTransform
+from ..runtime import autocast, keep_freed_memory
+
+__all__ = ["Plan", "Costs", "native_size", "useful_size", "candidate_sizes", "target_epochs", "measure_costs",
+           "make_plan", "sample_paths", "MIN_SIZE"]
+
+#: Smallest input size planned: a stride-32 network still sees a 2x2 map at 64 px.
+MIN_SIZE = 64
+#: Upsampling beyond this factor of the images' own resolution adds compute, not information.
+MAX_UPSAMPLE = 4
+#: Share of the budget the plan fills; the rest absorbs estimation error.
+BUDGET_FILL = 0.85
+#: Fixed seconds for the report, the artifact and the process around them.
+FIXED_S = 15.0
+
+
+def native_size(infos: dict[str, ImageInfo] | Sequence[ImageInfo]) -> int | None:
+    """Median shorter side of the images (``None`` when unknown)."""
+    values = infos.values() if isinstance(infos, dict) else infos
+    sides = [min(i.width, i.height) for i in values if i.width and i.height]
+    return int(statistics.median(sides)) if sides else None
+
+
+def _round32(x: float) -> int:
+    return int(max(MIN_SIZE, 32 * round(x / 32)))
+
+
+def useful_size(native: int | None, default: int) -> int:
+    """The input size without a budget: the backbone's own size, except for small images, which are
+    upsampled at most :data:`MAX_UPSAMPLE` times (a 28 px image runs at 112, not 224)."""
+    if native is None:
+        return default
+    return min(default, _round32(MAX_UPSAMPLE * native))
+
+
+def candidate_sizes(native: int | None, default: int) -> list[int]:
+    """Sizes a budgeted plan may choose, largest first: multiples of 32 from the backbone's default size
+    (or up to 1.5x it, for images larger than that) down to :data:`MIN_SIZE`."""
+    top = default if native is None or native <= default else min(_round32(native), _round32(1.5 * default))
+    sizes = list(range(top, MIN_SIZE - 1, -32))
+    return sizes if sizes else [top]
+
+
+def target_epochs(n_train: int) -> float:
+    """Fine-tuning epochs worth planning for ``n_train`` images: enough to see 50,000 images, between 2
+    and 8 epochs (small sets need several passes; large ones converge within two)."""
+    return float(min(8.0, max(2.0, 50_000 / max(1, n_train))))
+
+
+@dataclass
+class Costs:
+    """Seconds per image on this machine, by input size: ``eval`` (decode, forward pass) and ``train``
+    (decode with augmentation, forward and backward pass, optimiser step)."""
+
+    eval_s: dict[int, float]
+    train_s: dict[int, float]
+
+    def eval_at(self, size: int) -> float:
+        """Interpolated per-image evaluation cost."""
+        return _interp(self.eval_s, size)
+
+    def train_at(self, size: int) -> float:
+        """Interpolated per-image training cost."""
+        return _interp(self.train_s, size)
+
+
+def _interp(table: dict[int, float], size: int) -> float:
+    """Cost as ``a + b * size**2`` through the two nearest measured sizes (compute grows with pixels,
+    with a fixed per-image overhead)."""
+    if size in table:
+        return table[size]
+    pts = sorted(table)
+    if len(pts) == 1:
+        return table[pts[0]] * (size / pts[0]) ** 2
+    lo = max([p for p in pts if p < size], default=pts[0])
+    hi = min([p for p in pts if p > size], default=pts[-1])
+    if lo == hi:
+        lo, hi = pts[0], pts[-1]
+    b = (table[hi] - table[lo]) / (hi ** 2 - lo ** 2)
+    return max(1e-6, table[lo] + b * (size ** 2 - lo ** 2))
+
+
+def _time_it(fn, repeats: int) -> float:
+    fn()  # warm-up (allocator, kernels)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _decode_cost(paths: Sequence[str], transform: Any) -> float:
+    """Median seconds to decode and transform one file (a few files, in this process)."""
+    times = []
+    for p in paths:
+        t = time.perf_counter()
+        try:
+            transform(load_image(p, draft=getattr(transform, "draft", None)))
+        except Exception:  # a bad file is the scan's business; it costs nothing to plan
+            continue
+        times.append(time.perf_counter() - t)
+    return float(statistics.median(times)) if times else 0.0
+
+
+def measure_costs(model: nn.Module, pre: Preprocessing, sizes: Sequence[int], sample_paths: Sequence[str], *,
+                  batch_size: int = 32, trainable: Sequence[nn.Parameter] | None = None,
+                  mixed_precision: bool = True, workers: int = 2, train: bool = True) -> Costs:
+    """Measure per-image costs at ``sizes`` on synthetic batches through ``model`` (uint8 NCHW in, logits
+    out, on the CPU), plus decoding ``sample_paths``. ``trainable`` are the parameters a training step
+    updates (default all). Decoding runs in ``workers`` processes beside the forward pass, so its cost
+    counts for ``1 / (workers + 1)`` of its time. Restores the parameters' ``requires_grad`` and weights.
+    """
+    keep_freed_memory()
+    device = torch.device("cpu")
+    params = list(model.parameters())
+    saved_grad = [p.requires_grad for p in params]
+    saved_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if train else {}
+    was_training = model.training
+    model = model.to(memory_format=torch.channels_last)
+    live = {id(p) for p in (trainable if trainable is not None else params)}
+    share = 1.0 / (max(0, workers) + 1)
+    eval_s, train_s = {}, {}
+    try:
+        for size in sorted(set(sizes)):
+            x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8).contiguous(
+                memory_format=torch.channels_last)
+            sized = Preprocessing(size, pre.crop_pct, pre.mean, pre.std, pre.interpolation)
+            model.eval()
+
+            def forward() -> None:
+                with torch.inference_mode(), autocast(device, mixed_precision):
+                    model(x)
+
+            eval_s[size] = _time_it(forward, 2) / batch_size + share * _decode_cost(sample_paths, EvalTransform(sized))
+            if not train:
+                continue
+            for p in params:
+                p.requires_grad_(id(p) in live)
+            opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=0.0)
+            y = torch.randint(0, 2, (batch_size,))
+
+            def step() -> None:
+                with autocast(device, mixed_precision):
+                    loss = nn.functional.cross_entropy(model(x).float()[:, :2], y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            aug = _decode_cost(sample_paths, TrainTransform(sized, "light"))
+            train_s[size] = _time_it(step, 2) / batch_size + share * aug
+    finally:
+        for p, g in zip(params, saved_grad):
+            p.requires_grad_(g)
+            p.grad = None
+        if saved_state:
+            model.load_state_dict(saved_state)
+        model.train(was_training)
+    return Costs(eval_s, train_s)
+
+
+@dataclass
+class Plan:
+    """What a run will do and how long each part should take (seconds), with the reasons.
+
+    ``image_size``: input size. ``finetune``: whether fine-tuning runs; ``epochs`` of it (a fraction is
+    a share of one epoch) and ``val_every`` (the share of an epoch between validation passes).
+    ``estimate``: seconds per part; ``budget_s``: the time limit, if any.
+    """
+
+    image_size: int
+    native_size: int | None
+    finetune: bool
+    epochs: float
+    val_every: float = 1.0
+    budget_s: float | None = None
+    estimate: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (kept in ``metrics.json`` as ``plan``)."""
+        d = asdict(self)
+        d["estimate"] = {k: round(v, 1) for k, v in self.estimate.items()}
+        return d
+
+    def describe(self) -> list[str]:
+        """Lines for the terminal."""
+        est = self.estimate
+        ft = (f"fine-tune {self.epochs:g} epoch(s), ~{est.get('finetune_epoch', 0):.0f}s each"
+              if self.finetune else "no fine-tuning")
+        budget = f" of a {self.budget_s:.0f}s budget" if self.budget_s else ""
+        native = f" (images ~{self.native_size}px)" if self.native_size else ""
+        lines = [f"plan: {self.image_size}px input{native}; {ft}; estimated {est.get('total', 0):.0f}s{budget}"]
+        lines += [f"  {r}" for r in self.reasons]
+        return lines
+
+
+def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train: int, n_val: int, n_test: int,
+              costs: Costs, finetune: bool, budget_s: float | None, elapsed_s: float = 0.0,
+              max_epochs: int = 8, image_size: int | None = None, head_s: float = 5.0) -> Plan:
+    """Choose the input size and the fine-tuning length.
+
+    Args:
+        native: the images' median shorter side. default_size: the backbone's input size.
+        n_extract: images whose features are not cached yet. n_train/n_val/n_test: split sizes.
+        costs: measured per-image costs (:func:`measure_costs`) at the sizes that may be chosen.
+        finetune: whether the mode fine-tunes at all. budget_s: the time limit (``None``: no limit).
+        elapsed_s: seconds of the budget already spent. max_epochs: at most this many epochs.
+        image_size: the user's ``--image-size`` (then only the fine-tuning length is planned).
+    """
+    reasons: list[str] = []
+    useful = useful_size(native, default_size)
+    if image_size:
+        sizes = [image_size]
+        reasons.append(f"input size {image_size}px as asked (--image-size)")
+    elif budget_s is None:
+        sizes = [useful]
+        if useful != default_size:
+            reasons.append(f"input size {useful}px: {MAX_UPSAMPLE}x the images' own {native}px "
+                           f"(the backbone's {default_size}px would cost {(default_size / useful) ** 2:.1f}x)")
+    else:
+        sizes = [s for s in candidate_sizes(native, default_size)]
+    want = min(float(max_epochs), target_epochs(n_train)) if budget_s is not None else float(max_epochs)
+
+    def cost(size: int, epochs: float) -> dict[str, float]:
+        val_every = _val_every(n_train, n_val, costs, size, budget_s)
+        passes = math.ceil(max(epochs, 1e-9) / val_every) if epochs else 0
+        est = {"extract": n_extract * costs.eval_at(size), "head": head_s,
+               "finetune_epoch": n_train * costs.train_at(size) + (n_val * costs.eval_at(size) / val_every),
+               "evaluate": (n_val + n_test) * costs.eval_at(size) + FIXED_S}
+        est["finetune"] = epochs * n_train * costs.train_at(size) + passes * n_val * costs.eval_at(size)
+        est["total"] = elapsed_s + est["extract"] + est["head"] + est["finetune"] + est["evaluate"]
+        return est
+
+    if budget_s is None:
+        size = sizes[0]
+        epochs = float(max_epochs) if finetune else 0.0
+        return Plan(size, native, finetune, epochs, _val_every(n_train, n_val, costs, size, None), None,
+                    cost(size, epochs), reasons)
+    room = BUDGET_FILL * budget_s
+    if finetune:
+        for size in sizes:  # the largest size at which the wanted epochs fit
+            if cost(size, want)["total"] <= room:
+                if not image_size:
+                    reasons.append(f"input size {size}px: the largest at which {want:g} fine-tuning epochs fit"
+                                   + (f" (the images are ~{native}px)" if native else ""))
+                return Plan(size, native, True, want, _val_every(n_train, n_val, costs, size, budget_s), budget_s,
+                            cost(size, want), reasons)
+        size = sizes[-1]  # none fits: the smallest size, and as much fine-tuning as fits
+        base = cost(size, 0.0)
+        per_epoch = base["finetune_epoch"]
+        epochs = math.floor(10 * (room - base["total"]) / per_epoch) / 10 if per_epoch > 0 else 0.0
+        if epochs >= 0.5:
+            reasons.append(f"input size {size}px and {epochs:g} of the {want:g} fine-tuning epochs wanted: "
+                           "all that fits in the budget")
+            return Plan(size, native, True, epochs, _val_every(n_train, n_val, costs, size, budget_s), budget_s,
+                        cost(size, epochs), reasons)
+        reasons.append("no fine-tuning: less than half an epoch would fit in the budget after extraction")
+    for size in sizes:  # head only: the largest size whose extraction fits
+        if cost(size, 0.0)["total"] <= room or size == sizes[-1]:
+            return Plan(size, native, False, 0.0, 1.0, budget_s, cost(size, 0.0), reasons)
+    raise AssertionError("unreachable: the last size is always returned")
+
+
+def _val_every(n_train: int, n_val: int, costs: Costs, size: int, budget_s: float | None) -> float:
+    """Share of an epoch between validation passes: every epoch, or more often when an epoch is long
+    (a tenth of the budget, or 3 minutes without one), so a fine-tuning that does not pay is seen early."""
+    if n_val == 0:
+        return 1.0
+    epoch_s = n_train * costs.train_at(size)
+    every_s = budget_s / 10 if budget_s else 180.0
+    if epoch_s <= every_s:
+        return 1.0
+    return float(max(0.1, math.floor(10 * every_s / epoch_s) / 10))
+
+
+def sample_paths(paths: Sequence[str], n: int = 8, seed: int = 0) -> list[str]:
+    """A few paths, evenly spread and seeded, for measuring decoding."""
+    if len(paths) <= n:
+        return list(paths)
+    rng = np.random.default_rng(seed)
+    return [paths[i] for i in sorted(rng.choice(len(paths), n, replace=False))]
