@@ -157,3 +157,21 @@ def test_must_pay_lets_an_improving_finetuning_run():
     trainer = _tiny_fit([best, pay], max_epochs=3)
     assert not pay.triggered and best.improved and trainer.current_epoch == 3
     assert [v["step"] for v in best.validations] == [4, 8, 12]
+
+
+def test_best_weights_keep_the_averaged_weights():
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    class LastRaw(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    ema, raw = EMAWeightAveraging(decay=0.5), LastRaw()
+    best = BestWeights("val_cal_loss", averaging=ema)
+    trainer = _tiny_fit([raw, ema, best], max_epochs=2)
+    assert best.improved and best.best_epoch == 1  # the loss keeps falling on this easy problem
+    averaged = {k[len("module."):]: v for k, v in ema._average_model.state_dict().items() if k.startswith("module.")}
+    final = trainer.lightning_module.state_dict()
+    for k, v in best.state.items():
+        assert torch.allclose(v, averaged[k]) and torch.allclose(final[k], v)
+    assert not torch.allclose(raw.raw["model.weight"], best.state["model.weight"])  # not the last iterate
