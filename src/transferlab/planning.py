@@ -77,7 +77,8 @@ def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: Ba
                       n_val=n["val"], n_test=n["test"], costs=costs, finetune=True, budget_s=cfg.time_limit,
                       elapsed_s=time.time() - started_at, max_epochs=cfg.ft_epochs, image_size=plan.image_size,
                       head_s=0.0)
-    reasons = [r for r in plan.reasons if "fine-tuning" not in r] + [r for r in again.reasons if "--image-size" not in r]
+    reasons = [r if r.startswith("before ") else f"before extraction: {r}" for r in plan.reasons]
+    reasons += [f"before fine-tuning: {r}" for r in again.reasons if not r.endswith("(--image-size)")]
     return replace(again, reasons=reasons)
 
 
