@@ -18,7 +18,7 @@ from .training.finetune import backbone_stages, early_stages
 from .training.plan import Costs, Plan, candidate_sizes, make_plan, measure_costs, native_size, sample_paths, \
     useful_size
 
-__all__ = ["plan_run", "plan_finetune"]
+__all__ = ["plan_run", "plan_finetune", "head_seconds"]
 
 log = logging.getLogger("transferlab")
 
@@ -59,7 +59,14 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
         costs = Costs(costs.eval_s, {s: 0.0 for s in costs.eval_s})
     return make_plan(native=native, default_size=default, n_extract=len(ds.samples), n_train=n["train"],
                      n_val=n["val"], n_test=n["test"], costs=costs, finetune=finetune, budget_s=cfg.time_limit,
-                     elapsed_s=time.time() - started_at, max_epochs=cfg.ft_epochs, image_size=cfg.image_size)
+                     elapsed_s=time.time() - started_at, max_epochs=cfg.ft_epochs, image_size=cfg.image_size,
+                     head_s=head_seconds(n["train"]))
+
+
+def head_seconds(n_train: int) -> float:
+    """Rough seconds for the probe head on cached features: its C search runs on at most 10,000 images
+    and its refit on all of them (about 130 s for 54,000 images on the 2-core CPU with a cold refit)."""
+    return 5.0 + 1e-3 * n_train
 
 
 def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: BackboneInfo, stats: dict[str, Any],

@@ -9,6 +9,7 @@ linear head trained by Adam with early stopping (BENCHMARKS.md). An MLP head tra
 from __future__ import annotations
 
 import logging
+import copy
 import math
 import os
 import time
@@ -103,7 +104,7 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
 
     Features are standardised as the head's :class:`Standardize` layer does; each ``C`` in ``cs`` is
     fitted (warm-started, weakest regularisation last) on at most ``search_n`` training images, the one
-    with the lowest validation log-loss (smoother than accuracy on a small split) is refitted on every training image. Without
+    with the lowest validation log-loss (smoother than accuracy on a small split) is refitted on every training image, starting from the subsample's solution. Without
     validation images the middle ``C`` is used. Class weights in ``cfg`` become sample weights.
 
     Example:
@@ -138,10 +139,11 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     best_c, best_key = cs[len(cs) // 2], None
     if len(val_y):
         idx = _subsample(train_y, search_n, cfg.seed)
-        clf = None
+        clf, fitted = None, {}
         for k, c in enumerate(sorted(cs)):
             t0 = time.perf_counter()
             clf = fit(c, idx, clf)
+            fitted[c] = copy.deepcopy(clf)
             acc, loss = scores(clf)
             p_tr = np.clip(clf.predict_proba(xtr[idx]), 1e-12, 1.0)
             train_loss = float(-np.mean(np.log(p_tr[np.arange(len(idx)), np.searchsorted(clf.classes_, train_y[idx])])))
@@ -154,7 +156,8 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
         if len(idx) == len(train_y) and clf is not None and best_c == sorted(cs)[-1]:
             final = clf
         else:
-            final = fit(best_c, np.arange(len(train_y)), None)
+            warm = fitted[best_c] if np.array_equal(fitted[best_c].classes_, present) else None
+            final = fit(best_c, np.arange(len(train_y)), warm)  # warm: a few iterations, not hundreds
     else:
         final = fit(best_c, np.arange(len(train_y)), None)
     coef = np.zeros((num_classes, xtr.shape[1]))

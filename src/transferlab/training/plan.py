@@ -162,8 +162,8 @@ def measure_costs(model: nn.Module, pre: Preprocessing, sizes: Sequence[int], sa
             opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=0.0)
             y = torch.randint(0, 2, (batch_size,))
 
-            def step() -> None:
-                with autocast(device, mixed_precision):
+            def step() -> None:  # fp32, as precision_for trains on the CPU
+                with autocast(device, False):
                     loss = nn.functional.cross_entropy(model(x).float()[:, :2], y)
                 loss.backward()
                 opt.step()
