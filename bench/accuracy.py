@@ -117,11 +117,12 @@ def measure(name: str, kind: str, data: Path, root: Path, backbone: str) -> dict
         res_file = run.with_suffix(".json")
         cmd = [sys.executable, __file__, "--probe-only", str(data), "--probe-out", str(res_file), "--backbone", backbone]
     else:
-        cmd = [sys.executable, "-m", "transferlab.cli", "train", str(data), "--out", str(run), "--quiet",
+        cmd = [sys.executable, "-m", "transferlab.cli", "train", str(data), "--out", str(run), "--overwrite",
                "--backbone", backbone]
-        cmd += ["--mode", "head"] if kind == "head" else ["--time-limit", kind]
-        if kind == "estimate":
-            cmd = cmd[: cmd.index("--time-limit")] + ["--ft-epochs", "1"]
+        if kind == "estimate":  # not quiet: its log shows the plan printed before fine-tuning
+            cmd += ["--ft-epochs", "1"]
+        else:
+            cmd += ["--quiet"] + (["--mode", "head"] if kind == "head" else ["--time-limit", kind])
     rc, wall, rss = run_child(cmd, log)
     row = {"dataset": name, "run": kind, "rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
     if rc != 0:

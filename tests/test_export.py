@@ -61,14 +61,20 @@ def test_int8_check_decides(trained_run, tmp_path):
         raised = True
     check = json.loads(open(str(path) + ".check.json").read())
     assert "train images" in check["calibrated_on"] and 0 <= check["top1_agreement"] <= 1
-    assert check["passed"] == (check["top1_agreement"] >= 0.99) == (not raised)
+    # judged by accuracy (within a point of fp32) and agreement where fp32 is confident
+    v = check["test"]
+    assert "test images" in check["checked_on"] and v["accuracy_n"] == int(check["checked_on"].split()[0])
+    assert 0 < v["confident_n"] <= v["accuracy_n"]
+    assert check["passed"] == (v["confident_agreement"] >= 0.99 and v["accuracy_int8"] >= v["accuracy_fp32"] - 0.01) \
+        == (not raised)
+    assert path.exists() == check["passed"]  # a file that failed is removed
     # the fp32 region is chosen on validation images, starting from the whole backbone in int8, and
     # grows only while the validation agreement is below target
     tried = check["selection"]
     assert "val images" in check["selected_on"]
     assert tried[0]["fp32_up_to_stride"] == 0 and tried[0]["int8_nodes"] == check["backbone_nodes"]
     assert [t["fp32_up_to_stride"] for t in tried] == sorted({t["fp32_up_to_stride"] for t in tried})
-    assert all(t["val_agreement"] < 0.99 for t in tried[:-1])
+    assert all(not t["val"]["passed"] for t in tried[:-1])
     chosen = [t for t in tried if t["fp32_up_to_stride"] == check["fp32_up_to_stride"]]
     assert chosen[0]["int8_nodes"] == check["int8_nodes"]
 
@@ -105,6 +111,12 @@ def test_predict_engine_auto_uses_a_fresh_checked_export(trained_run, tmp_path, 
     check_file.write_text(json.dumps({**check, "weights_sha256": "0" * 64}))
     assert pr.checked_onnx_export(model_dir) is None
     check_file.write_text(json.dumps({**check, "passed": False}))
+    assert pr.checked_onnx_export(model_dir) is None
+    # a model.onnx other than the one checked is never used
+    check_file.write_text(json.dumps(check))
+    assert pr.checked_onnx_export(model_dir) == model_dir / "model.onnx"
+    with open(model_dir / "model.onnx", "ab") as f:
+        f.write(b"\0")
     assert pr.checked_onnx_export(model_dir) is None
 
 

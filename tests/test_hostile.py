@@ -124,8 +124,10 @@ def test_hostile_corpus_never_breaks_check_train_or_predict(digits_dir, tmp_path
     assert len(hostile) >= 200
     rep = check_dataset(root, near=False, quiet=True)
     reported = {r["path"] for r in rep.unreadable} | {c["path"] for c in rep.converted}
-    counted = {s for c in rep.counts.values() for s in c}
-    assert counted
+    # the clean class is counted in full; the hostile one keeps its good images and the unicode names
+    assert sum(rep.counts["4"].values()) == len(list((digits_dir / "4").iterdir()))
+    assert sum(rep.counts["3"].values()) >= len(list((digits_dir / "3").iterdir())) + 4
+    assert len(rep.unreadable) >= 83  # at least the 60 truncated, 15 empty, 5 text and 3 huge files
     assert main(["train", str(root), "--out", str(tmp_path / "run"), "--mode", "head", "--epochs", "2",
                  "--image-size", "64", "-q", "--json"]) == 0
     out = capsys.readouterr()
@@ -157,7 +159,7 @@ def test_sigkill_while_saving_keeps_previous_model(digits_dir, tmp_path):
     before = (run / "model" / "config.json").read_text()
     env = {**os.environ, "TRANSFERLAB_FAULT_SAVE_PAUSE_S": "60"}
     p = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "train", str(data), "--out", str(run), "--mode",
-                          "head", "--epochs", "3", "--image-size", "64", "--seed", "9", "-q"], env=env,
+                          "head", "--epochs", "3", "--image-size", "64", "--seed", "9", "-q", "--overwrite"], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list(run.glob(".model.*.tmp/config.json")):
@@ -170,15 +172,15 @@ def test_sigkill_while_saving_keeps_previous_model(digits_dir, tmp_path):
     assert model.predict([str(next((data / "test" / "1").iterdir()))])[0].error is None
 
 
-def _cifar_archive(path: Path, classes=("airplane", "automobile", "bird")) -> None:
+def _cifar_archive(path: Path, classes=("airplane", "automobile", "bird"), n_labels: int | None = None) -> None:
     rng = np.random.default_rng(0)
 
     def batch(n, offset):
-        labels = [int(i % len(classes)) for i in range(n)]
+        labels = [int(i % (n_labels or len(classes))) for i in range(n)]
         data = np.zeros((n, 3 * 32 * 32), dtype=np.uint8)
         for i, y in enumerate(labels):  # each class a distinct colour with noise: learnable
             img = np.zeros((3, 32, 32), dtype=np.int16)
-            img[y] = 200
+            img[y % 3] = 200
             data[i] = np.clip(img + rng.integers(0, 40, img.shape), 0, 255).astype(np.uint8).ravel()
         return pickle.dumps({b"batch_label": f"batch {offset}".encode(), b"labels": labels, b"data": data,
                              b"filenames": [f"f{offset}_{i}.png".encode() for i in range(n)]}, protocol=2)
@@ -233,3 +235,199 @@ def test_import_csv_and_train_from_manifest(digits_dir, tmp_path, capsys):
     assert res.metrics["n_images"] == {"train": 12, "val": 4, "test": 4}
     assert main(["data", "split", str(tmp_path / "imported"), "--out", str(tmp_path / "s.csv")]) == 0
     assert len(list(csv.DictReader(open(tmp_path / "s.csv")))) == 20
+
+
+def _thin_png(path: Path, size=(5, 8_000_000)) -> Path:
+    Image.new("L", size, 255).save(path, optimize=True)  # 46 KB on disk
+    return path
+
+
+_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+
+
+def test_thin_eps_and_16bit_tiff_through_train_and_predict(digits_dir, tmp_path):
+    from transferlab.data.images import decode
+    from transferlab.data.transforms import EvalTransform, Preprocessing
+    from transferlab.errors import ImageError
+
+    root = tmp_path / "data"
+    for label in ("3", "4"):
+        shutil.copytree(digits_dir / label, root / label)
+    thin = _thin_png(root / "3" / "thin.png")
+    eps = root / "3" / "eps_as.jpg"
+    eps.write_bytes(_EPS)
+    tiff = root / "4" / "deep.tif"
+    Image.fromarray((np.arange(1500 * 1500, dtype=np.uint32) % 65536).astype(np.uint16).reshape(1500, 1500)).save(tiff)
+    with pytest.raises(ImageError, match="aspect ratio"):
+        decode(thin)
+    with pytest.raises(ImageError, match="not an image in a supported format"):
+        decode(eps)
+    assert decode(tiff)[0].size == (1500, 1500)
+    # the transform itself resizes only the crop it keeps, whatever reaches it
+    assert tuple(EvalTransform(Preprocessing(224))(Image.new("RGB", (5, 400_000))).shape) == (3, 224, 224)
+    res = train(root, tmp_path / "run", mode="head", quiet=True, epochs=2, image_size=64)
+    skipped = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(open(tmp_path / "run" / "skipped.csv"))}
+    assert "aspect ratio" in skipped["thin.png"] and "not an image in a supported format" in skipped["eps_as.jpg"]
+    assert tiff.name not in skipped and res.metrics["n_images"]["train"] > 0
+    preds = load_model(res.model_dir).predict([str(thin), str(eps), str(tiff)])
+    assert preds[0].error and preds[1].error and preds[2].error is None
+
+
+def _listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_traversal_labels_never_write_outside_out(digits_dir, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    _cifar_archive(archive, classes=("airplane", "../../escaped", "bird"))
+    before = _listing(tmp_path)
+    with pytest.raises(DataError, match="class name '../../escaped'"):
+        import_cifar("cifar10", str(archive), work / "cifar")
+    assert _listing(tmp_path) - before <= {"work/cifar", "work/cifar/train", "work/cifar/train/airplane"} | {
+        p for p in _listing(tmp_path) if p.startswith("work/cifar/train/airplane/")}
+    assert not (tmp_path / "escaped").exists() and not (work / "escaped").exists()
+    manifest = tmp_path / "m.csv"
+    files = sorted((digits_dir / "5").iterdir())[:4]
+    rows = [("path", "label")] + [(str(f), "five") for f in files[:2]] + [(str(files[2]), "../outside"),
+                                                                          (str(files[3]), "/srv/www")]
+    with open(manifest, "w", newline="", encoding="utf-8-sig") as fh:  # with a spreadsheet's BOM
+        csv.writer(fh).writerows(rows)
+    before = _listing(tmp_path)
+    assert main(["data", "import", "csv", str(manifest), "--out", str(work / "imported")]) == 2
+    assert _listing(tmp_path) == before
+    with pytest.raises(DataError, match="line 4"):
+        train(manifest, tmp_path / "run", mode="head", quiet=True)
+
+
+def test_cifar_labels_out_of_range_and_member_bombs(tmp_path, monkeypatch):
+    import transferlab.data.imports as imports
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    _cifar_archive(archive, classes=("a", "b"), n_labels=3)  # labels 0..2 against two names
+    with pytest.raises(DataError, match="labels must be in 0..1"):
+        import_cifar("cifar10", str(archive), tmp_path / "out")
+    _cifar_archive(archive)
+    monkeypatch.setattr(imports, "MAX_MEMBER_BYTES", 1000)
+    with pytest.raises(DataError, match="over the limit"):
+        import_cifar("cifar10", str(archive), tmp_path / "out2")
+
+
+def test_manifest_labels_round_trip_exactly(digits_dir, tmp_path):
+    from transferlab.data.scan import scan
+    from transferlab.data.split import read_split_csv, split_dataset, write_split_csv
+
+    root = tmp_path / "data"
+    for label, name in (("1", " b"), ("2", "a")):
+        shutil.copytree(digits_dir / label, root / name)
+    ds = split_dataset(scan(root), 0.2, 0.2, 0)
+    write_split_csv(ds.samples, tmp_path / "split.csv")
+    assert sorted({s.label for s in scan(tmp_path / "split.csv").samples}) == [" b", "a"]
+    assert {s.label for s in read_split_csv(tmp_path / "split.csv")} == {" b", "a"}
+
+
+def test_train_never_clobbers_and_resume_reads_its_own_checkpoint(digits_dir, tmp_path, capsys):
+    from transferlab.errors import ConfigError
+
+    data = _presplit_digits(digits_dir, tmp_path / "data")
+    run = tmp_path / "run"
+    common = [str(data), "--out", str(run), "--mode", "finetune", "--ft-epochs", "1", "--image-size", "64", "-q"]
+    assert main(["train", *common]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # not one file per epoch
+    first = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["train", *common]) == 2
+    assert "already holds a transferlab run" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--overwrite"):
+        train(data, run, mode="head", quiet=True)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already holds files"):
+        train(data, tmp_path / "plain", mode="head", quiet=True)
+    assert main(["train", *common, "--overwrite", "--seed", "3"]) == 0
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["last.ckpt"] and (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns != first
+    assert json.loads((run / "train_config.json").read_text())["config"]["seed"] == 3
+    assert main(["train", "--resume", str(run), "-q"]) == 0  # resumes the checkpoint the second run wrote
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_report_failure_keeps_a_loadable_model_and_files_follow_the_umask(digits_dir, tmp_path, monkeypatch):
+    import transferlab.pipeline as pipeline
+
+    data = _presplit_digits(digits_dir, tmp_path / "data")
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "report_sections", broken)
+    with pytest.raises(OSError):
+        train(data, tmp_path / "run", mode="head", quiet=True, epochs=2, image_size=64)
+    model = load_model(tmp_path / "run" / "model")
+    assert model.predict([str(next((data / "test" / "1").iterdir()))])[0].error is None
+    old = os.umask(0o022)
+    os.umask(old)
+    if old & 0o044 == 0:  # group and others may read under this umask: so may they read the model
+        for f in ("config.json", "model.safetensors"):
+            assert os.stat(tmp_path / "run" / "model" / f).st_mode & 0o044 == 0o044, f
+        assert os.stat(tmp_path / "run" / "model").st_mode & 0o055 == 0o055
+        assert os.stat(tmp_path / "run" / "split.csv").st_mode & 0o044 == 0o044
+
+
+def test_cache_clear_spares_foreign_folders_and_a_read_only_cache_is_a_warning(tmp_path, caplog):
+    from transferlab.features.cache import FeatureCache
+
+    root = tmp_path / "shared"
+    (root / "photos").mkdir(parents=True)
+    (root / "photos" / "keep.txt").write_text("not the cache's")
+    (root / "0123456789abcdef").mkdir()  # the cache's name shape, but no marker
+    ns = FeatureCache(root).namespace({"backbone": "x", "size": 1})
+    ns.put(["d1", "d2"], np.ones((2, 4), np.float32))
+    assert ns.dir.is_dir()
+    assert main(["cache", "clear", "--cache-dir", str(root)]) == 0
+    assert not ns.dir.exists()
+    assert (root / "photos" / "keep.txt").read_text() == "not the cache's" and (root / "0123456789abcdef").is_dir()
+    if os.geteuid() != 0:  # root writes into read-only folders
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        os.chmod(ro, 0o555)
+        ns = FeatureCache(ro).namespace({"backbone": "x"})
+        ns.put(["d"], np.ones((1, 4), np.float32))
+        assert ns.disabled and "feature cache disabled" in caplog.text
+    ns = FeatureCache(tmp_path / "full").namespace({"backbone": "x"})
+    import transferlab.features.cache as cache_mod
+
+    def no_space(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    orig = cache_mod.save_file
+    cache_mod.save_file = no_space
+    try:
+        ns.put(["d"], np.ones((1, 4), np.float32))
+    finally:
+        cache_mod.save_file = orig
+    assert ns.disabled and "No space left" in caplog.text
+
+
+def test_markup_in_class_names_and_paths_prints_as_text(digits_dir, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(digits_dir / "1", root / "[/x]")
+    shutil.copytree(digits_dir / "2", root / "[bold]b")
+    assert main(["data", "check", str(root), "-q", "--cache-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr()
+    assert "[/x]" in out.out and "MarkupError" not in out.err + out.out
+    assert main(["train", str(tmp_path / "missing [/x]"), "--out", str(tmp_path / "r"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "missing [/x]" in err and "Traceback" not in err
+
+
+def test_stranger_artifacts_are_bounded(trained_run, tmp_path):
+    from transferlab.errors import ArtifactError
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_run.model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "head": {**cfg["head"], "hidden": [10 ** 9]}}))
+    with pytest.raises(ArtifactError, match="head hidden widths"):
+        load_model(model)

@@ -121,3 +121,112 @@ def test_page_in_headless_chromium_predicts(trained_run, test_image):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _solid_png(size) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, 7).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_pixel_and_body_limits_are_the_services_own(client, test_image):
+    # 6 M pixels: under Pillow's own guard (89 M), over this app's max_pixels (5 M)
+    r = client.post("/predict", files={"file": ("p.png", _solid_png((3000, 2000)))})
+    assert r.status_code == 413 and "5000000 pixels" in r.json()["error"]
+    # a chunked body has no Content-Length: only the streaming limit can stop it
+    def chunks():
+        for _ in range(40):
+            yield b"\x00" * 10_000
+    r = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and "over the limit of 200000 bytes" in r.json()["error"]
+
+
+def test_thin_and_eps_uploads_fail_alone_while_neighbours_get_answers(client, test_image):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, label = test_image
+    good = open(path, "rb").read()
+    thin = _solid_png((5, 800_000))  # under max_pixels; scaled to the input it would be 256 x 41 M pixels
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+    bodies = [("good.png", good), ("thin.png", thin), ("fake.jpg", eps)] * 4
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda nb: client.post("/predict", files={"file": nb}), bodies))
+    for (name, _), r in zip(bodies, answers):
+        if name == "good.png":
+            assert r.status_code == 200 and r.json()["label"] == label
+        else:
+            assert r.status_code == 422, (name, r.status_code, r.text)
+    assert "aspect ratio" in answers[1].json()["error"] and "not an image in a supported format" in answers[2].json()["error"]
+
+
+def test_batcher_answers_every_request_and_isolates_a_failing_image():
+    import asyncio
+
+    import numpy as np
+
+    from transferlab.service.batcher import Batcher, QueueFull
+
+    def predict(items):
+        if "bad" in items:
+            raise ValueError("this image breaks the model")
+        return np.array([[float(i), 0.0] for i in items])
+
+    async def run():
+        b = Batcher(predict, max_batch=8, max_wait_s=0.01, max_queue=64)
+        await b.start()
+        results = await asyncio.gather(*[b.submit([i]) for i in range(40)], b.submit(["bad"]), return_exceptions=True)
+        with pytest.raises(QueueFull):
+            await b.submit(list(range(65)))
+        await b.stop()
+        return results
+
+    results = asyncio.run(run())
+    assert [float(r[0][0]) for r in results[:40]] == [float(i) for i in range(40)]  # N requests, N answers
+    assert isinstance(results[40], ValueError)
+
+
+def test_api_key_and_cross_site_requests(trained_run, test_image):
+    path, label = test_image
+    good = open(path, "rb").read()
+    with TestClient(create_app(trained_run.model_dir, api_key="s3cret")) as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/labels").status_code == 401
+        assert c.get("/labels", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert c.get("/labels", headers=auth).status_code == 200
+        r = c.post("/predict", files={"file": ("a.png", good)}, headers=auth)
+        assert r.status_code == 200 and r.json()["label"] == label
+    with TestClient(create_app(trained_run.model_dir)) as c:
+        r = c.post("/predict", files={"file": ("a.png", good)}, headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403
+        r = c.post("/predict", files={"file": ("a.png", good)}, headers={"Origin": "http://testserver"})
+        assert r.status_code == 200
+
+
+def test_request_pixel_budget_keeps_the_service_small(trained_run, test_image):
+    """64 files of 40 MP each (solid PNGs, a few MB in all) would decode to about 7.7 GB: the request is
+    refused from the headers alone, a neighbour still gets its answer, and the server's peak RSS stays
+    under 2 GB (read from /proc for the uvicorn process)."""
+    path, label = test_image
+    big = _solid_png((8000, 5000))
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "serve", str(trained_run.model_dir),
+                               "--port", str(port), "--max-bytes", str(64 * len(big) + 1_000_000)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/predict", files=[("files", (f"{i}.png", big)) for i in range(64)], timeout=120)
+        assert r.status_code == 413 and "limit per request" in r.json()["error"]
+        r = httpx.post(url + "/predict", files={"file": ("a.png", open(path, "rb").read())}, timeout=60)
+        assert r.status_code == 200 and r.json()["label"] == label
+        peak_kb = int(next(line.split()[1] for line in open(f"/proc/{server.pid}/status") if line.startswith("VmHWM")))
+        assert peak_kb < 2 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

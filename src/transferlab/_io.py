@@ -10,7 +10,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_json", "write_text", "file_digest"]
+__all__ = ["atomic_path", "write_json", "write_text", "file_digest", "fsync_path", "umask_mode"]
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: os.umask can only be read by setting it
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain ``open``/``mkdir`` would give under the user's umask (``mkstemp`` and
+    ``mkdtemp`` make private 0600/0700 files, which a team or a service account could not read)."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file's or a folder's contents to the disk (best effort where a platform cannot)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -26,6 +49,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, umask_mode())  # after the block: writers that recreate the file make it 0600
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -18,7 +18,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from ._io import file_digest, write_json
+from ._io import file_digest, fsync_path, umask_mode, write_json
 from .backbones.models import Classifier, build_head, create_backbone
 from .data.transforms import Preprocessing
 from .errors import ArtifactError, TransferlabError
@@ -53,9 +53,11 @@ def save_artifact(directory: str | os.PathLike[str], model: Classifier, config: 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    os.chmod(tmp, umask_mode(directory=True))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        os.chmod(tmp / WEIGHTS, umask_mode())  # safetensors writes 0600
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **config,
                 "weights_sha256": file_digest(tmp / WEIGHTS), "versions": package_versions()}
         write_json(tmp / CONFIG, full)
@@ -64,12 +66,15 @@ def save_artifact(directory: str | os.PathLike[str], model: Classifier, config: 
             import time
 
             time.sleep(pause)
+        for path in (tmp / WEIGHTS, tmp / CONFIG, tmp):  # on the disk before the renames
+            fsync_path(path)
         previous = directory.with_name(directory.name + ".previous")
         if directory.exists():
             if previous.exists():
                 shutil.rmtree(previous)
             os.replace(directory, previous)
         os.replace(tmp, directory)
+        fsync_path(directory.parent)  # the renames themselves are durable before the old model goes
         if previous.exists():
             shutil.rmtree(previous, ignore_errors=True)
     finally:
@@ -109,8 +114,36 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     for key in ("classes", "backbone", "preprocessing", "head"):
         if key not in cfg:
             raise ArtifactError(f"'{cfg_path}' lacks the '{key}' entry.")
+    _check_bounds(cfg, cfg_path)
     cfg["_dir"] = str(root)
     return cfg
+
+
+#: Bounds on the numbers of a config.json from elsewhere: a head width of 10^9 is an error, not an OOM.
+LIMITS = {"classes": 100_000, "width": 65_536, "size": 4_096}
+
+
+def _check_bounds(cfg: dict[str, Any], cfg_path: Path) -> None:
+    def bad(what: str, value: Any, limit: str) -> ArtifactError:
+        return ArtifactError(f"'{cfg_path}': {what} {value!r} is not {limit}; refusing to build it.")
+
+    def whole(value: Any, lo: int, hi: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+    classes, head, pre = cfg["classes"], cfg["head"], cfg["preprocessing"]
+    if not isinstance(classes, list) or not 1 <= len(classes) <= LIMITS["classes"] or \
+            not all(isinstance(c, str) for c in classes):
+        raise bad("classes", f"{type(classes).__name__} of {len(classes) if hasattr(classes, '__len__') else '?'}",
+                  f"a list of 1..{LIMITS['classes']} names")
+    if not isinstance(head, dict) or not whole(head.get("in_features"), 1, LIMITS["width"]):
+        raise bad("head in_features", head.get("in_features") if isinstance(head, dict) else head,
+                  f"a whole number in 1..{LIMITS['width']}")
+    hidden = head.get("hidden", [])
+    if not isinstance(hidden, list) or len(hidden) > 16 or not all(whole(h, 1, LIMITS["width"]) for h in hidden):
+        raise bad("head hidden widths", hidden, f"at most 16 whole numbers in 1..{LIMITS['width']}")
+    if not isinstance(pre, dict) or not whole(pre.get("size"), 1, LIMITS["size"]):
+        raise bad("preprocessing size", pre.get("size") if isinstance(pre, dict) else pre,
+                  f"a whole number in 1..{LIMITS['size']}")
 
 
 def load_artifact(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str, Any]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape as esc
 from rich.table import Table
 
 from .cli_common import csv_ints, print_json, setup_logging, err, out
@@ -37,10 +38,10 @@ def demo(out_dir: Path = typer.Option(Path("transferlab-demo"), "--out", help="F
         print_json({"data": str(res.data_dir), "run": str(res.run_dir), "test_accuracy": test.get("accuracy"),
                      "examples": res.examples})
         return
-    out.print(f"[bold]Data[/]: {res.data_dir} (scikit-learn digits as PNG class folders)")
+    out.print(f"[bold]Data[/]: {esc(str(res.data_dir))} (scikit-learn digits as PNG class folders)")
     table = Table("image", "true", "predicted", "probability", title="A few test predictions")
     for e in res.examples:
-        table.add_row(Path(e["path"]).name, e["true"], str(e["predicted"]), f"{e['probability']:.3f}")
+        table.add_row(esc(Path(e["path"]).name), esc(str(e["true"])), esc(str(e["predicted"])), f"{e['probability']:.3f}")
     out.print(table)
     _summary(res.run_dir, res.metrics)
 
@@ -51,7 +52,7 @@ def _summary(run_dir: Path, metrics: dict[str, Any]) -> None:
     acc = test.get("accuracy")
     acc_s = f"{acc:.4f}" if acc is not None else "n/a"
     out.print(f"[bold green]done[/]: test accuracy {acc_s}, macro-F1 {test.get('macro_f1') or 0:.4f} "
-              f"in {timing.get('total_s', 0):.1f}s -> {run_dir}/ (open {run_dir}/report.html)")
+              f"in {timing.get('total_s', 0):.1f}s -> {esc(str(run_dir))}/ (open {esc(str(run_dir))}/report.html)")
 
 
 @app.command()
@@ -88,10 +89,10 @@ def imagenet(images: list[Path] = typer.Argument(..., help="Image files."),
         return
     for r in results:
         if r.get("error"):
-            out.print(f"[red]{r['path']}[/]: {r['error']}")
+            out.print(f"[red]{esc(str(r['path']))}[/]: {esc(str(r['error']))}")
             continue
         preds = ", ".join(f"{p['label']} ({p['probability']:.3f})" for p in r["predictions"])
-        out.print(f"[bold]{r['path']}[/]: {preds}")
+        out.print(f"[bold]{esc(str(r['path']))}[/]: {esc(preds)}")
 
 
 def parse_duration(text: Optional[str]) -> Optional[float]:
@@ -114,6 +115,7 @@ def train_cmd(
     data: Optional[Path] = typer.Argument(None, help="Class folders, train/val/test folders, or a CSV manifest."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<date>-<time>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused without it)."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
     mode: str = typer.Option("auto", "--mode", help="head (cached features), finetune (end to end) or auto (head, then fine-tune)."),
     head: Optional[str] = typer.Option(None, "--head", help="MLP head widths, e.g. 1024,1024 (default linear)."),
@@ -180,7 +182,7 @@ def train_cmd(
             overrides["time_limit"] = parse_duration(time_limit)
         res = train(None, resume, resume=True, started_at=_STARTED_AT, **overrides)
     else:
-        res = train(data, out_dir, started_at=_STARTED_AT, **options)
+        res = train(data, out_dir, started_at=_STARTED_AT, overwrite=overwrite, **options)
     if not res.is_global_zero:
         return
     if as_json:
@@ -238,10 +240,10 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
     table = Table("file", "label", "probability", f"top-{top_k}")
     for r in results:
         if r.error:
-            table.add_row(r.source, "[red]error[/]", "", r.error)
+            table.add_row(esc(str(r.source)), "[red]error[/]", "", esc(str(r.error)))
         else:
-            table.add_row(r.source, str(r.label), f"{r.probability:.3f}",
-                          ", ".join(f"{t['label']} {t['probability']:.2f}" for t in r.top_k))
+            table.add_row(esc(str(r.source)), esc(str(r.label)), f"{r.probability:.3f}",
+                          esc(", ".join(f"{t['label']} {t['probability']:.2f}" for t in r.top_k)))
     out.print(table)
     n_err = sum(1 for r in results if r.error)
     if n_err:
@@ -263,7 +265,7 @@ def lr_find_cmd(data: Path = typer.Argument(..., help="Labelled folder or manife
         print_json({"suggestion": res.suggestion, "plot": str(Path(out_dir) / "lr_find.png")})
     else:
         sug = f"{res.suggestion:.2e}" if res.suggestion else "none (loss never fell)"
-        out.print(f"suggested head learning rate: [bold]{sug}[/] (plot: {Path(out_dir) / 'lr_find.png'})")
+        out.print(f"suggested head learning rate: [bold]{sug}[/] (plot: {esc(str(Path(out_dir) / 'lr_find.png'))})")
 
 
 @app.command("compare")
@@ -331,11 +333,14 @@ def serve(model: Path = typer.Argument(..., help="Model directory or exported .o
           host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 exposes the service to the network."),
           port: int = typer.Option(8000, "--port"), workers: int = typer.Option(1, "--workers"),
           max_bytes: int = typer.Option(20 * 1024 * 1024, "--max-bytes", help="Largest request body."),
-          max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (decompression bombs).")) -> None:
+          max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (decompression bombs)."),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TRANSFERLAB_API_KEY",
+                                                help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")) -> None:
     """HTTP API (POST /predict, GET /health, /labels, /docs) and a web page at /."""
     from .service.app import serve as run_service
 
-    run_service(model, host=host, port=port, workers=workers, max_bytes=max_bytes, max_pixels=max_pixels)
+    run_service(model, host=host, port=port, workers=workers, max_bytes=max_bytes, max_pixels=max_pixels,
+                api_key=api_key)
 
 
 @app.command("export")
@@ -345,15 +350,16 @@ def export_cmd(model: Path = typer.Argument(..., help="Model directory."),
                out_path: Optional[Path] = typer.Option(None, "--out", help="Output file (default inside MODEL)."),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Export a model and check it against the original (fails if the check fails)."""
-    from .export import export_model
+    from .export import describe_int8, export_model
 
     check = export_model(model, fmt, out_path, int8=int8)
     if as_json:
         print_json(check)
         return
-    out.print(f"[bold green]exported[/] {check['file']} ({check['bytes'] / 1e6:.1f} MB), checked on "
-              f"{check['checked_on']}: max |p - p_torch| = {check['max_abs_diff']:.2e}, top-1 agreement "
-              f"{100 * check['top1_agreement']:.1f}% ({check['criterion']}: passed)")
+    figures = (describe_int8(check["test"]) if check.get("int8") else
+               f"max |p - p_torch| = {check['max_abs_diff']:.2e}, top-1 agreement {100 * check['top1_agreement']:.1f}%")
+    out.print(f"[bold green]exported[/] {esc(str(check['file']))} ({check['bytes'] / 1e6:.1f} MB), checked on "
+              f"{check['checked_on']}: {figures} ({check['criterion']}: passed)")
     if "precision" in check:
         out.print(check["precision"])
 
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except TransferlabError as exc:
-        err.print(f"[bold red]error[/]: {exc}", highlight=False)
+        err.print(f"[bold red]error[/]: {esc(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")

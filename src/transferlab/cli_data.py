@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape as esc
 from rich.table import Table
 
 from .cli_common import print_json, setup_logging, err, out
@@ -37,7 +38,7 @@ def data_check(data: Path = typer.Argument(..., help="Labelled folder or manifes
     splits = sorted({s for c in rep.counts.values() for s in c})
     table = Table("class", *splits, "total", title=f"dataset {data}")
     for name, c in rep.counts.items():
-        table.add_row(name, *(str(c.get(s, 0)) for s in splits), str(sum(c.values())))
+        table.add_row(esc(name), *(str(c.get(s, 0)) for s in splits), str(sum(c.values())))
     out.print(table)
     for title, rows, fmt in (("unreadable files", rep.unreadable, lambda r: f"{r['path']}: {r['reason']}"),
                              ("converted on load", rep.converted, lambda r: f"{r['path']}: {'; '.join(r['conversions'])}"),
@@ -53,7 +54,7 @@ def data_check(data: Path = typer.Argument(..., help="Labelled folder or manifes
             out.print(f"  ... and {len(rows) - 20} more (--json for all)")
     out.print(f"[bold]imbalance[/]: largest/smallest class = {rep.imbalance.get('ratio')}")
     for w in rep.warnings:
-        err.print(f"[yellow]warning[/]: {w}")
+        err.print(f"[yellow]warning[/]: {esc(w)}")
 
 
 @data_app.command("split")
@@ -67,7 +68,7 @@ def data_split(data: Path = typer.Argument(...), out_path: Path = typer.Option(P
     ds = split_dataset(scan_data(data), val, test, seed)
     write_split_csv(ds.samples, out_path)
     n = {s: sum(1 for x in ds.samples if x.split == s) for s in ("train", "val", "test")}
-    out.print(f"wrote {out_path}: {n['train']} train, {n['val']} val, {n['test']} test; {len(ds.skipped)} skipped")
+    out.print(f"wrote {esc(str(out_path))}: {n['train']} train, {n['val']} val, {n['test']} test; {len(ds.skipped)} skipped")
 
 
 @import_app.command("cifar10")
@@ -88,7 +89,7 @@ def _import_cifar(kind: str, source: str, out_dir: Path, allow_download: bool) -
     from .data.imports import import_cifar
 
     counts = import_cifar(kind, source, out_dir, allow_download=allow_download)
-    out.print(f"wrote {kind} to {out_dir}: {counts}")
+    out.print(f"wrote {kind} to {esc(str(out_dir))}: {counts}")
 
 
 def _import_idx(kind: str, source: Path, out_dir: Path, per_class: Optional[int], val_per_class: int,
@@ -96,7 +97,7 @@ def _import_idx(kind: str, source: Path, out_dir: Path, per_class: Optional[int]
     from .data.imports import import_idx
 
     counts = import_idx(kind, source, out_dir, train_per_class=per_class, val_per_class=val_per_class, seed=seed)
-    out.print(f"wrote {kind} to {out_dir}: {counts}")
+    out.print(f"wrote {kind} to {esc(str(out_dir))}: {counts}")
 
 
 _IDX_SOURCE = typer.Argument(..., help="Folder with the four IDX files (e.g. /usr/share/datasets/fashion-mnist).")
@@ -126,7 +127,7 @@ def import_csv(manifest: Path = typer.Argument(..., help="path,label[,split] CSV
     from .data.imports import import_manifest
 
     res = import_manifest(manifest, out_dir)
-    out.print(f"copied {res['copied']} images into {out_dir}; {res['skipped']} skipped")
+    out.print(f"copied {res['copied']} images into {esc(str(out_dir))}; {res['skipped']} skipped")
 
 
 @cache_app.command("info")

@@ -65,7 +65,7 @@ def compare(data: str | os.PathLike[str], backbones: Sequence[str], out: str | o
         try:
             pretrained = name != "simple_cnn"
             row["mode"] = mode if pretrained else "finetune (from scratch)"
-            res = train(manifest, out / name, backbone=name, mode=mode if pretrained else "finetune", time_limit=time_limit,
+            res = train(manifest, out / name, overwrite=True, backbone=name, mode=mode if pretrained else "finetune", time_limit=time_limit,
                         seed=seed, quiet=quiet, pretrained=pretrained, **train_options)
             test = res.metrics.get("test") or {}
             params = sum(int(np.prod(s)) for s in _shapes(res.model_dir))

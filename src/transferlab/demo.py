@@ -60,7 +60,7 @@ def run_demo(out: str | os.PathLike[str] = "transferlab-demo", quiet: bool = Fal
 
     out = Path(out)
     data = build_digits_dataset(out / "data")
-    result = train(data, out / "run", quiet=quiet, **{"mode": "head", **train_options})
+    result = train(data, out / "run", quiet=quiet, overwrite=True, **{"mode": "head", **train_options})
     predictor = load_model(result.model_dir)
     with open(result.run_dir / "predictions.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))

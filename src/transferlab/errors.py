@@ -38,6 +38,10 @@ class ImageError(DataError):
         self.reason = reason
 
 
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than allowed (a limit, or Pillow's decompression-bomb guard)."""
+
+
 class WeightsError(TransferlabError):
     """Pretrained weights could not be found, read or matched to the architecture."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -27,7 +28,7 @@ from .data.split import split_dataset, write_skipped_csv, write_split_csv
 from .data.transforms import AUGMENT_PRESETS, TrainTransform
 from .errors import ConfigError, DataError
 from .evaluation.calibration import apply_temperature, calibrated_nll, expected_calibration_error, fit_temperature
-from .evaluation.metrics import softmax
+from .evaluation.metrics import classification_metrics, softmax
 from .evaluation.outputs import SplitResult, write_run_outputs
 from .evaluation.sections import report_sections
 from .features.cache import FeatureCache
@@ -251,9 +252,27 @@ def _load_resume(run: Path) -> tuple[str, TrainConfig]:
     return str(run / "split.csv"), TrainConfig(**kwargs)
 
 
+def _first_process() -> bool:
+    """False in the other processes of a distributed run (torchrun's or Lightning's launcher)."""
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _refuse_existing(run: Path, overwrite: bool) -> None:
+    """A new run never writes into a folder that holds anything, unless ``overwrite`` is asked. Only the
+    first process of a distributed run checks (the others start after it has written there)."""
+    if overwrite or not run.exists() or not _first_process():
+        return
+    if not run.is_dir():
+        raise ConfigError(f"--out '{run}' is a file; give a folder for the run.")
+    if any(run.iterdir()):
+        what = "a transferlab run" if (run / "train_config.json").is_file() else "files"
+        raise ConfigError(f"--out '{run}' already holds {what}. Give a new folder, --overwrite to replace it, "
+                          f"or --resume to continue it.")
+
+
 def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | None = None,
           config: TrainConfig | None = None, resume: bool = False, started_at: float | None = None,
-          **overrides: Any) -> RunResult:
+          overwrite: bool = False, **overrides: Any) -> RunResult:
     """Train a classifier on a labelled image folder and write a full run directory.
 
     Args:
@@ -262,6 +281,8 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         out: run directory (default ``runs/<date>-<time>``).
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
         resume: continue the run in ``out`` from its last checkpoint, on its own split and options.
+        overwrite: replace the run already in ``out`` (its checkpoints are removed once the new run's data
+            and backbone have loaded); without it a folder that holds anything is refused.
         started_at: ``time.time()`` when the user started the run (the CLI passes its start), from which
             ``time_limit`` counts; default now.
 
@@ -278,8 +299,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         if data is None:
             raise ConfigError("give the DATA folder to train on (or --resume RUN).")
         cfg = replace(config or TrainConfig(), **overrides).validate()
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "logs").mkdir(exist_ok=True)
+        _refuse_existing(run, overwrite)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     deadline = wall_start + cfg.time_limit if cfg.time_limit else None
     ds = split_dataset(scan(data), cfg.val, cfg.test, cfg.seed)
@@ -291,15 +311,20 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         report = audit(ds)
     for w in report.warnings:
         log.warning(w)
-    if not resume:
-        write_json(run / "train_config.json", {"data": str(Path(data).resolve()), "config": _jsonable(asdict(cfg))})
-    write_split_csv(ds.samples, run / "split.csv")
-    write_skipped_csv(skipped, run / "skipped.csv")
     if not any(s.split == "train" for s in ds.samples):
         raise DataError(f"no training images in '{data}' after splitting.")
     backbone, info = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights_file=cfg.weights,
                                      allow_download=cfg.allow_download, cut_stage=cfg.cut_stage,
                                      image_size=cfg.image_size)
+    # data, backbone and weights are good: only now is anything of an earlier run replaced
+    if overwrite and not resume and _first_process():
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "logs").mkdir(exist_ok=True)
+    if not resume:
+        write_json(run / "train_config.json", {"data": str(Path(data).resolve()), "config": _jsonable(asdict(cfg))})
+    write_split_csv(ds.samples, run / "split.csv")
+    write_skipped_csv(skipped, run / "skipped.csv")
     use_head = cfg.mode == "head" or (cfg.mode == "auto" and info.pretrained)
     use_ft = cfg.mode == "finetune" or (cfg.mode == "auto")
     if resume and (run / "plan.json").is_file():  # a resumed run keeps its input size
@@ -399,8 +424,6 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
     write_split_csv(ds.samples, run / "split.csv")
     write_skipped_csv(skipped, run / "skipped.csv")
     calibration, val_before = _calibrate(results)
-    sections, extra = report_sections(model, ds.classes, results.get("test"), results.get("val"), calibration,
-                                      val_before, seed=cfg.seed)
     n_images = {s: int(sum(1 for x in ds.samples if x.split == s)) for s in ("train", "val", "test")}
     train_s = stats["head_s"] + ft_s
     total_s = time.perf_counter() - t_start
@@ -422,15 +445,10 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
                "fine-tune epochs (best)": f"{ft.epochs_run} ({ft.best_epoch})" if ft else "—",
                "seed": cfg.seed, "extract (s)": f"{stats['extract_s']:.1f}", "train (s)": f"{train_s:.1f}",
                "total (s)": f"{total_s:.1f}"}
-    metrics = write_run_outputs(run, labels=ds.classes, test=results.get("test"), val=results.get("val"),
-                                history=history.rows, summary=summary, counts=ds.counts(),
-                                skipped=[(k.path, k.reason) for k in skipped], warnings=warnings,
-                                extra_metrics={"timing": timing, "backbone": info.name, "n_images": n_images,
-                                               "mode": cfg.mode, "stopped_by_time": bool(ft and ft.stopped_by_time),
-                                               "calibration": calibration, "plan": plan.to_dict() if plan else None,
-                                               "finetune": _finetune_record(ft, ft_s), **extra},
-                                extra_sections=sections,
-                                title=f"transferlab: {Path(data).name}", top_k=cfg.top_k)
+    # the model is saved first: a failure in the report, the plots or Grad-CAM (or a full disk) never
+    # throws a trained model away
+    headline = {name: classification_metrics(res.y_true, res.probs, ds.classes, cfg.top_k)
+                for name, res in results.items() if res is not None and len(res.y_true)}
     model_cfg = {
         "classes": ds.classes,
         "backbone": info.to_dict(),
@@ -440,11 +458,22 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
         "training": {"mode": cfg.mode, "config": _jsonable(asdict(cfg)), "n_images": n_images,
                      "head_epochs": stats.get("epochs_run"), "finetune_epochs": ft.epochs_run if ft else 0,
                      "data": str(Path(data).resolve()), "split_csv": str((run / "split.csv").resolve())},
-        "metrics": {"test_accuracy": (metrics.get("test") or {}).get("accuracy"),
-                    "test_macro_f1": (metrics.get("test") or {}).get("macro_f1"),
-                    "val_accuracy": (metrics.get("val") or {}).get("accuracy")},
+        "metrics": {"test_accuracy": headline.get("test", {}).get("accuracy"),
+                    "test_macro_f1": headline.get("test", {}).get("macro_f1"),
+                    "val_accuracy": headline.get("val", {}).get("accuracy")},
     }
     model_dir = save_artifact(run / "model", model.cpu().to(memory_format=torch.contiguous_format), model_cfg)
+    sections, extra = report_sections(model, ds.classes, results.get("test"), results.get("val"), calibration,
+                                      val_before, seed=cfg.seed)
+    metrics = write_run_outputs(run, labels=ds.classes, test=results.get("test"), val=results.get("val"),
+                                history=history.rows, summary=summary, counts=ds.counts(),
+                                skipped=[(k.path, k.reason) for k in skipped], warnings=warnings,
+                                extra_metrics={"timing": timing, "backbone": info.name, "n_images": n_images,
+                                               "mode": cfg.mode, "stopped_by_time": bool(ft and ft.stopped_by_time),
+                                               "calibration": calibration, "plan": plan.to_dict() if plan else None,
+                                               "finetune": _finetune_record(ft, ft_s), **extra},
+                                extra_sections=sections,
+                                title=f"transferlab: {Path(data).name}", top_k=cfg.top_k)
     return RunResult(run, metrics, model_dir, warnings)
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ._io import file_digest
 from .artifacts import load_artifact, read_config
 from .backbones.models import Classifier
 from .data.images import is_image_path, to_rgb
@@ -69,7 +70,7 @@ class Predictor:
     engine = "torch"
 
     def __init__(self, model: Classifier, config: dict[str, Any], device: str | None = None,
-                 mixed_precision: bool = True, batch_size: int = 32, workers: int = 0) -> None:
+                 mixed_precision: bool = True, batch_size: int = 32, workers: int = 0, keep_memory: bool = True) -> None:
         self.config = config
         self.classes: list[str] = list(config["classes"])
         self.preprocessing = Preprocessing.from_dict(config["preprocessing"])
@@ -77,7 +78,7 @@ class Predictor:
         self.device = pick_device(device)
         self.mixed_precision = mixed_precision
         self.batch_size, self.workers = batch_size, workers
-        self.model = prepare_model(model.eval(), self.device)
+        self.model = prepare_model(model.eval(), self.device, keep_memory=keep_memory)
         self.graph = FrozenGraph(torch.nn.Sequential(self.model.normalize, self.model.backbone), self.device,
                                  mixed_precision)
         self.transform = EvalTransform(self.preprocessing)
@@ -130,6 +131,9 @@ class Predictor:
             tensors = []
             for i in mem_idx:
                 img = inputs[i]
+                if isinstance(img, torch.Tensor):  # already through self.transform (the service does that)
+                    tensors.append(img)
+                    continue
                 if isinstance(img, np.ndarray):
                     img = Image.fromarray(img)
                 tensors.append(self.transform(to_rgb(img)))
@@ -175,7 +179,10 @@ def checked_onnx_export(model_dir: str | os.PathLike[str]) -> Path | None:
     except (ArtifactError, OSError, ValueError):
         return None
     fresh = check.get("weights_sha256") is not None and check.get("weights_sha256") == cfg.get("weights_sha256")
-    return onnx_path if onnx_path.is_file() and check.get("passed") is True and fresh else None
+    if not (onnx_path.is_file() and check.get("passed") is True and fresh):
+        return None
+    # the file itself is the one that was checked (a stranger's folder may carry a swapped model.onnx)
+    return onnx_path if check.get("sha256") == file_digest(onnx_path) else None
 
 
 def onnx_pays(device: str | None, mixed_precision: bool) -> bool:
@@ -187,12 +194,13 @@ def onnx_pays(device: str | None, mixed_precision: bool) -> bool:
 
 
 def load_model(path: str | os.PathLike[str], device: str | None = None, mixed_precision: bool = True,
-               engine: str = "auto") -> Predictor:
+               engine: str = "auto", keep_memory: bool = True) -> Predictor:
     """Load an artifact directory (or an ONNX file exported by transferlab) as a :class:`Predictor`.
 
     ``engine``: ``torch``, ``onnx`` (the directory's checked ``model.onnx`` export), or ``auto``
     (default): ONNX Runtime when the directory has a checked export made from its current weights and
-    :func:`onnx_pays` on this machine, else PyTorch.
+    :func:`onnx_pays` on this machine, else PyTorch. ``keep_memory=False`` leaves the C allocator as it is
+    (a long-lived service; see :func:`~transferlab.runtime.keep_freed_memory`).
 
     Raises:
         ArtifactError: missing files, unknown format version, tensors that do not fit, or
@@ -212,7 +220,7 @@ def load_model(path: str | os.PathLike[str], device: str | None = None, mixed_pr
         if exported is not None and (engine == "onnx" or onnx_pays(device, mixed_precision)):
             return OnnxPredictor(exported)
     model, cfg = load_artifact(path)
-    return Predictor(model, cfg, device=device, mixed_precision=mixed_precision)
+    return Predictor(model, cfg, device=device, mixed_precision=mixed_precision, keep_memory=keep_memory)
 
 
 class OnnxPredictor(Predictor):

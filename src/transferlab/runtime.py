@@ -74,10 +74,10 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, device: torch.device, keep_memory: bool = True) -> torch.nn.Module:
     """Move to ``device`` in channels_last memory format (faster convolutions on CPU and GPU); on a CPU,
-    also :func:`keep_freed_memory`."""
-    if device.type == "cpu":
+    also :func:`keep_freed_memory` unless ``keep_memory`` is False (a service would keep its peak)."""
+    if device.type == "cpu" and keep_memory:
         keep_freed_memory()
     return model.to(device=device, memory_format=torch.channels_last)
 

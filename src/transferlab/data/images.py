@@ -7,6 +7,7 @@ palette, RGBA, CMYK, 16-bit) converted to 8-bit RGB, transparency composited ove
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -15,12 +16,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageError
+from ..errors import ImageError, ImageTooLargeError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageInfo", "decode", "load_image", "is_image_path", "to_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_ASPECT", "ImageInfo", "decode", "peek_size", "load_image",
+           "is_image_path", "to_rgb"]
 
 #: File extensions read as images (compared lower-case).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: The only formats Pillow may open (whatever the extension): raster formats with decoders inside
+#: Pillow. EPS, PDF and others would hand the file to an outside program (Ghostscript). JPEG includes
+#: the multi-picture JPEG (MPO) that phone cameras write.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+#: Longer side over shorter side beyond which a picture is refused: a 5 x 8,000,000 PNG is 46 KB on
+#: disk, and scaling its 5 px side to a network's input would make 400 million pixels.
+MAX_ASPECT = 100
 
 # Truncated files must fail loudly, never decode as half-grey pictures.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -43,28 +52,44 @@ def is_image_path(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def decode(path: str | os.PathLike[str], draft: int | None = None) -> tuple[Image.Image, ImageInfo]:
-    """Decode ``path`` to an 8-bit RGB image and report what was converted.
+def decode(source: str | os.PathLike[str] | bytes, draft: int | None = None, max_pixels: int | None = None,
+           name: str | None = None) -> tuple[Image.Image, ImageInfo]:
+    """Decode an image file (a path, or the bytes of an upload) to 8-bit RGB and report what was converted.
+
+    Every decode path goes through here (training, prediction, export, the service), with the same
+    guards: only :data:`IMAGE_FORMATS`, at most ``max_pixels`` pixels (and Pillow's own bomb guard),
+    no thinner than 1:\ :data:`MAX_ASPECT`, checked on the header before any pixel is decoded.
 
     Args:
-        path: the image file.
+        source: the image file, or its bytes.
         draft: when given, JPEGs are decoded at a reduced scale whose shorter side is still at least
             ``draft`` pixels (DCT scaling, several times faster on large photos). Default ``None``.
+        max_pixels: refuse images with more pixels than this. Default ``None`` (Pillow's guard only).
+        name: what errors call the file (default: the path, or ``"upload"`` for bytes).
 
     Raises:
-        ImageError: the file is missing, empty, not an image, truncated, corrupt or too large.
+        ImageTooLargeError: more pixels than ``max_pixels`` or Pillow's decompression-bomb guard.
+        ImageError: the file is missing, empty, not an image of an allowed format, truncated, corrupt or
+            too thin.
     """
-    path = str(path)
+    is_bytes = isinstance(source, (bytes, bytearray))
+    path = name or ("upload" if is_bytes else str(source))
     info = ImageInfo()
     try:
-        if os.path.getsize(path) == 0:
+        if (len(source) if is_bytes else os.path.getsize(source)) == 0:
             raise ImageError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source) if is_bytes else source, formats=IMAGE_FORMATS) as img:
                 info.width, info.height = img.size
                 info.mode, info.format = img.mode, img.format or ""
-                info.frames = int(getattr(img, "n_frames", 1) or 1)
+                if max_pixels is not None and img.width * img.height > max_pixels:
+                    raise ImageTooLargeError(path, f"{img.width}x{img.height} pixels is over the limit of "
+                                                   f"{max_pixels} pixels")
+                if min(img.size) >= 1 and max(img.size) > MAX_ASPECT * min(img.size):
+                    raise ImageError(path, f"aspect ratio {img.width}x{img.height} is beyond 1:{MAX_ASPECT}")
+                # whether there is a second frame, without walking every frame of the file
+                info.frames = 2 if getattr(img, "is_animated", False) else 1
                 if draft and img.format == "JPEG":
                     img.draft("RGB", (draft, draft))
                 img.load()
@@ -77,9 +102,9 @@ def decode(path: str | os.PathLike[str], draft: int | None = None) -> tuple[Imag
     except PermissionError:
         raise ImageError(path, "permission denied") from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image (unrecognised format)") from None
+        raise ImageError(path, "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(path, f"image too large (decompression bomb guard): {exc}") from None
+        raise ImageTooLargeError(path, f"image too large (decompression bomb guard): {exc}") from None
     except OSError as exc:
         msg = str(exc) or type(exc).__name__
         if "truncated" in msg:
@@ -90,8 +115,26 @@ def decode(path: str | os.PathLike[str], draft: int | None = None) -> tuple[Imag
     if out.width < 1 or out.height < 1:
         raise ImageError(path, "image has no pixels")
     if info.frames > 1:
-        info.conversions.append(f"animated ({info.frames} frames): first frame used")
+        info.conversions.append("animated: first frame used")
     return out, info
+
+
+def peek_size(source: str | os.PathLike[str] | bytes, name: str | None = None) -> tuple[int, int]:
+    """Width and height from the header alone (no pixel decoded), with the same format allow-list as
+    :func:`decode`; raises :class:`ImageError` for anything :func:`decode` would refuse on its header."""
+    is_bytes = isinstance(source, (bytes, bytearray))
+    path = name or ("upload" if is_bytes else str(source))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if is_bytes else source, formats=IMAGE_FORMATS) as img:
+                return img.size
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(path, f"image too large (decompression bomb guard): {exc}") from None
+    except Exception as exc:
+        raise ImageError(path, f"corrupt image: {type(exc).__name__}: {exc}") from None
 
 
 def load_image(path: str | os.PathLike[str], draft: int | None = None) -> Image.Image:

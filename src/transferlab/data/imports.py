@@ -8,6 +8,7 @@ rebuilds plain containers and numpy arrays, so a doctored archive cannot run cod
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -21,12 +22,15 @@ from PIL import Image
 
 from .._io import atomic_path
 from ..errors import DataError
+from .labels import check_label, inside
 from .scan import scan
 
 __all__ = ["import_cifar", "import_idx", "read_idx", "import_manifest", "CIFAR_URLS", "IDX_CLASSES"]
 
 CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
               "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+#: The MD5 sums published with the archives (as torchvision checks them).
+CIFAR_MD5 = {"cifar10": "c58f30108f718f92721af3b95e74349a", "cifar100": "eb9058c3a382ffc7106e4002c42a8d85"}
 
 _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
             ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
@@ -66,7 +70,29 @@ def _fetch(kind: str, source: str | None, allow_download: bool) -> Path:
     if not dest.exists():
         with atomic_path(dest) as tmp:
             urllib.request.urlretrieve(CIFAR_URLS[kind], tmp)  # noqa: S310 (fixed https address)
+            got = hashlib.md5(tmp.read_bytes(), usedforsecurity=False).hexdigest()
+            if got != CIFAR_MD5[kind]:
+                raise DataError(f"the downloaded {kind} archive has MD5 {got}, not the published "
+                                f"{CIFAR_MD5[kind]}; it was not kept.")
     return dest
+
+
+#: Largest archive member read into memory: CIFAR-100's train batch is about 155 MB.
+MAX_MEMBER_BYTES = 512 * 1024 * 1024
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The bytes of one member, refused before reading when its declared size is over the bound, and cut
+    off at the bound when the stream holds more than it declared (a gzip bomb)."""
+    if member.size > MAX_MEMBER_BYTES:
+        raise DataError(f"archive member {member.name!r} is {member.size} bytes; over the limit of {MAX_MEMBER_BYTES}")
+    f = tar.extractfile(member)
+    if f is None:
+        raise DataError(f"archive member {member.name!r} is not a regular file")
+    data = f.read(MAX_MEMBER_BYTES + 1)
+    if len(data) > MAX_MEMBER_BYTES:
+        raise DataError(f"archive member {member.name!r} is over the limit of {MAX_MEMBER_BYTES} bytes")
+    return data
 
 
 def import_cifar(kind: str, source: str | None, out: str | os.PathLike[str], allow_download: bool = False) -> dict[str, int]:
@@ -82,7 +108,8 @@ def import_cifar(kind: str, source: str | None, out: str | os.PathLike[str], all
     meta_name, label_key = ("batches.meta", "label_names") if kind == "cifar10" else ("meta", "fine_label_names")
     if meta_name not in members:
         raise DataError(f"'{archive}' has no {meta_name}: is it the {kind} python archive?")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _load_batch(tar.extractfile(members[meta_name]).read())[label_key]]
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _load_batch(_read_member(tar, members[meta_name]))[label_key]]
+    names = [check_label(n, f"'{archive}' {meta_name}, class {i}") for i, n in enumerate(names)]
     batches = {"train": sorted(n for n in members if n.startswith("data_batch")) if kind == "cifar10" else ["train"],
                "test": ["test_batch"] if kind == "cifar10" else ["test"]}
     out = Path(out)
@@ -92,11 +119,18 @@ def import_cifar(kind: str, source: str | None, out: str | os.PathLike[str], all
         for fname in files:
             if fname not in members:
                 raise DataError(f"'{archive}' lacks {fname}")
-            batch = _load_batch(tar.extractfile(members[fname]).read())
-            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            labels = batch.get("labels", batch.get("fine_labels"))
+            batch = _load_batch(_read_member(tar, members[fname]))
+            try:
+                data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                labels = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64).reshape(-1)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"'{archive}' {fname} is not a CIFAR batch: {exc}") from None
+            bad = np.flatnonzero((labels < 0) | (labels >= len(names)))
+            if len(bad) or len(labels) != len(data):
+                raise DataError(f"'{archive}' {fname}: {len(labels)} labels for {len(data)} images, labels must be in "
+                                f"0..{len(names) - 1}" + (f" (image {bad[0]} has {labels[bad[0]]})" if len(bad) else ""))
             for img, y in zip(data, labels):
-                folder = out / split / names[int(y)]
+                folder = inside(out, split, names[int(y)])
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img).save(folder / f"{fname}_{n:05d}.png")
                 n += 1
@@ -199,7 +233,7 @@ def import_idx(kind: str, source: str | os.PathLike[str], out: str | os.PathLike
     for split, (x, y, idx) in {**{s: (train_x, train_y, i) for s, i in picks.items() if len(i)},
                                "test": (test_x, test_y, np.arange(len(test_y)))}.items():
         for c in range(len(names)):
-            (out / split / names[c]).mkdir(parents=True, exist_ok=True)
+            inside(out, split, names[c]).mkdir(parents=True, exist_ok=True)
         for i in idx:
             path = out / split / names[int(y[i])] / f"{'test' if split == 'test' else 'train'}_{i:05d}.png"
             if not path.exists():
@@ -216,7 +250,7 @@ def import_manifest(manifest: str | os.PathLike[str], out: str | os.PathLike[str
     out = Path(out)
     used: set[Path] = set()
     for s in ds.samples:
-        folder = out / s.split / s.label if s.split else out / s.label
+        folder = inside(out, s.split, s.label) if s.split else inside(out, s.label)
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / Path(s.path).name
         k = 1

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import DataError, ImageError
 from .images import ImageInfo, decode, is_image_path
+from .labels import check_label
 
 __all__ = ["Sample", "Skipped", "Dataset", "scan", "SPLIT_ALIASES"]
 
@@ -197,7 +198,7 @@ def _walk_class(folder: Path, label: str, split: str | None, samples: list[Sampl
 def _from_manifest(manifest: Path) -> list[Sample]:
     base = manifest.parent.resolve()
     samples: list[Sample] = []
-    with open(manifest, newline="", encoding="utf-8") as f:
+    with open(manifest, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not data
         rows = list(csv.reader(f))
     if not rows:
         raise DataError(f"manifest '{manifest}' is empty; expected rows path,label[,split].")
@@ -216,5 +217,6 @@ def _from_manifest(manifest: Path) -> list[Sample]:
         if split is not None and split not in SPLIT_ALIASES:
             raise DataError(f"manifest '{manifest}' line {i}: unknown split {row[2]!r}; "
                             "expected train, val or test.")
-        samples.append(Sample(str(path), row[1].strip(), SPLIT_ALIASES[split] if split else None))
+        label = check_label(row[1], f"manifest '{manifest}' line {i}")
+        samples.append(Sample(str(path), label, SPLIT_ALIASES[split] if split else None))
     return samples

@@ -97,11 +97,15 @@ class EvalTransform:
         w, h = img.size
         scale = short / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), _RESAMPLE[self.pre.interpolation], reducing_gap=3.0)
         left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        return to_uint8_tensor(img)
+        if (nw, nh) == (w, h):
+            return to_uint8_tensor(img.crop((left, top, left + size, top + size)))
+        # the centre crop of the resized picture, resized straight from its box in the source: the same
+        # pixels as resizing the whole picture and then cropping, without ever making the whole picture
+        # (a 5 x 8,000,000 image would otherwise become 256 x 409,600,000 pixels first)
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return to_uint8_tensor(img.resize((size, size), _RESAMPLE[self.pre.interpolation], box=box, reducing_gap=3.0))
 
 
 class TrainTransform:

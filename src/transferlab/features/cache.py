@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -24,6 +25,8 @@ from safetensors.torch import save_file
 
 from .._io import atomic_path, write_json
 from ..backbones.weights import transferlab_home
+
+log = logging.getLogger("transferlab")
 
 __all__ = ["FeatureCache", "CacheNamespace", "NamespaceInfo", "default_cache_dir"]
 
@@ -50,6 +53,7 @@ class CacheNamespace:
         self.dir = directory
         self.description = description
         self._index: dict[str, tuple[Path, int]] | None = None
+        self.disabled = False  # set when a write failed: the run goes on without caching
 
     def _ensure(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -98,13 +102,18 @@ class CacheNamespace:
 
     def put(self, digests: list[str], features: np.ndarray | torch.Tensor) -> None:
         """Store one batch of features as a new shard (atomically)."""
-        if not digests:
+        if not digests or self.disabled:
             return
-        self._ensure()
         t = torch.as_tensor(features, dtype=torch.float32).contiguous()
         shard = self.dir / f"shard-{uuid.uuid4().hex}.safetensors"
-        with atomic_path(shard) as tmp:
-            save_file({"features": t}, str(tmp), metadata={"digests": ",".join(digests)})
+        try:
+            self._ensure()
+            with atomic_path(shard) as tmp:
+                save_file({"features": t}, str(tmp), metadata={"digests": ",".join(digests)})
+        except OSError as exc:  # the cache is best-effort: a full disk or a read-only folder is not fatal
+            self.disabled = True
+            log.warning("feature cache disabled for this run: cannot write to '%s' (%s)", self.dir, exc)
+            return
         if self._index is not None:
             for row, d in enumerate(digests):
                 self._index.setdefault(d, (shard, row))
@@ -131,7 +140,7 @@ class FeatureCache:
         out = []
         if not self.root.is_dir():
             return out
-        for d in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        for d in self._namespaces():
             try:
                 desc = json.loads((d / "namespace.json").read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -141,11 +150,18 @@ class FeatureCache:
             out.append(NamespaceInfo(d.name, desc, len(ns.index()), size))
         return out
 
+    def _namespaces(self) -> list[Path]:
+        """The folders this cache wrote: a 16-hex-digit name with its ``namespace.json`` marker. Anything
+        else under the root (a user's own folder given as ``--cache-dir``) is not the cache's."""
+        if not self.root.is_dir():
+            return []
+        return sorted(d for d in self.root.iterdir()
+                      if d.is_dir() and not d.is_symlink() and len(d.name) == 16
+                      and all(c in "0123456789abcdef" for c in d.name) and (d / "namespace.json").is_file())
+
     def clear(self) -> int:
-        """Delete every cached feature; returns the bytes freed."""
+        """Delete every cached feature (only the folders the cache wrote); returns the bytes freed."""
         freed = sum(i.bytes for i in self.info())
-        if self.root.is_dir():
-            for d in self.root.iterdir():
-                if d.is_dir():
-                    shutil.rmtree(d, ignore_errors=True)
+        for d in self._namespaces():
+            shutil.rmtree(d, ignore_errors=True)
         return freed

@@ -2,31 +2,39 @@
 
 Hostile input gets a 4xx with a JSON error body, never a 500: bodies over ``max_bytes`` (413), images
 over ``max_pixels`` (413, decompression bombs), non-images and truncated images (422), a wrong content
-type (415), an empty request (400).
+type (415), an empty request (400), too many pixels in one request (413), a full queue (503), a
+missing API key (401) and a cross-site request from a web page (403).
 """
 
 from __future__ import annotations
 
-import io
+import asyncio
+import hmac
+import ipaddress
+import logging
 import os
-import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..data.images import to_rgb
+from ..data.images import decode, peek_size
+from ..errors import ImageError, ImageTooLargeError
 from ..predict import load_model
-from .batcher import Batcher
+from .batcher import Batcher, QueueFull
 
-__all__ = ["create_app", "app_from_env", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS"]
+__all__ = ["create_app", "app_from_env", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_REQUEST_PIXELS"]
+
+log = logging.getLogger("transferlab")
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
+#: All the images of one request together (five 40-megapixel photos).
+DEFAULT_MAX_REQUEST_PIXELS = 200_000_000
 
 
 class HTTPProblem(Exception):
@@ -37,34 +45,56 @@ class HTTPProblem(Exception):
         self.status, self.message = status, message
 
 
-def _decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
+def _prepare_upload(data: bytes, name: str, max_pixels: int, transform: Any) -> Any:
+    """The upload decoded through the same guards as every file (:func:`~transferlab.data.images.decode`)
+    and preprocessed at once, so a request holds one full-size picture at a time, never all of them."""
     if not data:
         raise HTTPProblem(400, f"'{name}' is empty")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > max_pixels:
-                raise HTTPProblem(413, f"'{name}' is {img.width}x{img.height} pixels; the limit is {max_pixels} pixels")
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img)
-    except HTTPProblem:
-        raise
-    except UnidentifiedImageError:
-        raise HTTPProblem(422, f"'{name}' is not an image Pillow can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise HTTPProblem(413, f"'{name}' has too many pixels (decompression bomb guard)") from None
-    except Exception as exc:
-        raise HTTPProblem(422, f"'{name}' is a damaged image: {exc}") from None
+        return transform(decode(data, max_pixels=max_pixels, name=f"'{name}'")[0])
+    except ImageTooLargeError as exc:
+        raise HTTPProblem(413, str(exc)) from None
+    except ImageError as exc:
+        raise HTTPProblem(422, str(exc)) from None
+
+
+def _request_pixels(uploads: list[tuple[str, bytes]], max_request_pixels: int) -> None:
+    """Refuse a request whose images together have more than ``max_request_pixels`` pixels (read from
+    their headers, before any is decoded)."""
+    total = 0
+    for name, data in uploads:
+        if not data:
+            raise HTTPProblem(400, f"'{name}' is empty")
+        try:
+            w, h = peek_size(data, name=f"'{name}'")
+        except ImageTooLargeError as exc:
+            raise HTTPProblem(413, str(exc)) from None
+        except ImageError as exc:
+            raise HTTPProblem(422, str(exc)) from None
+        total += w * h
+    if total > max_request_pixels:
+        raise HTTPProblem(413, f"the request's {len(uploads)} images have {total} pixels together; the limit per "
+                               f"request is {max_request_pixels} (send fewer or smaller images)")
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's ``Origin`` names the host it is sending to (a page of this service)."""
+    netloc = urlsplit(origin).netloc
+    return bool(netloc) and netloc.lower() == host.lower()
 
 
 def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS, top_k: int = 5, max_batch: int = 16) -> FastAPI:
-    """The FastAPI app serving one model (an artifact directory or an exported ``.onnx`` file)."""
-    predictor = load_model(model_path)
-    batcher = Batcher(lambda imgs: predictor.predict_proba(list(imgs))[0], max_batch=max_batch)
+               max_pixels: int = DEFAULT_MAX_PIXELS, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+               top_k: int = 5, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving one model (an artifact directory or an exported ``.onnx`` file).
+
+    ``max_pixels`` bounds each image and ``max_request_pixels`` all the images of one request;
+    ``max_queue`` bounds the images waiting for the model (more: 503 with ``Retry-After``). With
+    ``api_key``, every endpoint but ``/health`` needs ``Authorization: Bearer <api_key>``. Requests a
+    browser sends from another site's page (an ``Origin`` that is not this host) are refused (403).
+    """
+    predictor = load_model(model_path, keep_memory=False)
+    batcher = Batcher(lambda imgs: predictor.predict_proba(list(imgs))[0], max_batch=max_batch, max_queue=max_queue)
     app = FastAPI(title="transferlab", version="1", description="Image classification with a transferlab model.")
     app.state.predictor = predictor
 
@@ -77,7 +107,15 @@ def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.middleware("http")
-    async def _limit_size(request: Request, call_next):  # noqa: ANN202
+    async def _guard(request: Request, call_next):  # noqa: ANN202
+        origin = request.headers.get("origin")
+        if origin is not None and not _same_origin(origin, request.headers.get("host", "")):
+            return JSONResponse({"error": f"cross-site request from {origin!r} refused"}, status_code=403)
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             return JSONResponse({"error": f"request body of {length} bytes is over the limit of {max_bytes} bytes"},
@@ -96,7 +134,7 @@ def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
     async def page() -> str:
         return resources.files("transferlab.service").joinpath("page.html").read_text(encoding="utf-8")
 
-    @app.post("/predict", responses={400: {}, 413: {}, 415: {}, 422: {}})
+    @app.post("/predict", responses={400: {}, 401: {}, 403: {}, 413: {}, 415: {}, 422: {}, 503: {}})
     async def predict(request: Request) -> dict[str, Any]:
         """Multipart form with an image in ``file`` (or several in ``files``); returns top-k labels."""
         ctype = request.headers.get("content-type", "")
@@ -112,8 +150,14 @@ def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
         uploads = await _parse_multipart(bytes(body), ctype)
         if not uploads:
             raise HTTPProblem(400, "no image in the request: send it in the 'file' (or 'files') field")
-        images = [_decode_upload(data, name, max_pixels) for name, data in uploads]
-        probs = await batcher.submit(images)
+        _request_pixels(uploads, max_request_pixels)
+        images = [await asyncio.to_thread(_prepare_upload, data, name, max_pixels, predictor.transform)
+                  for name, data in uploads]  # off the event loop: /health answers meanwhile
+        try:
+            probs = await batcher.submit(images)
+        except QueueFull as exc:
+            return JSONResponse({"error": f"busy: {exc}; try again shortly"}, status_code=503,
+                                headers={"Retry-After": "1"})
         k = max(1, min(top_k, len(predictor.classes)))
         results = []
         for (name, _), p in zip(uploads, probs):
@@ -152,20 +196,37 @@ async def _parse_multipart(body: bytes, ctype: str) -> list[tuple[str, bytes]]:
 
 
 def app_from_env() -> FastAPI:
-    """App factory for ``uvicorn --factory`` with several workers (reads TRANSFERLAB_SERVE_* variables)."""
+    """App factory for ``uvicorn --factory`` with several workers (reads TRANSFERLAB_SERVE_* variables and
+    the API key from ``TRANSFERLAB_API_KEY``)."""
     return create_app(os.environ["TRANSFERLAB_SERVE_MODEL"],
                       max_bytes=int(os.environ.get("TRANSFERLAB_SERVE_MAX_BYTES", DEFAULT_MAX_BYTES)),
-                      max_pixels=int(os.environ.get("TRANSFERLAB_SERVE_MAX_PIXELS", DEFAULT_MAX_PIXELS)))
+                      max_pixels=int(os.environ.get("TRANSFERLAB_SERVE_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+                      api_key=os.environ.get("TRANSFERLAB_API_KEY") or None)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(model_path: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Run the service with uvicorn (blocking)."""
+          max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, api_key: str | None = None) -> None:
+    """Run the service with uvicorn (blocking). Binding beyond loopback without ``api_key`` warns."""
     import uvicorn
 
     load_model(model_path)  # fail fast with a clear error before starting workers
+    if not api_key and not is_loopback(host):
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
+                    "(give --api-key or set TRANSFERLAB_API_KEY)", host)
     os.environ["TRANSFERLAB_SERVE_MODEL"] = str(Path(model_path).resolve())
     os.environ["TRANSFERLAB_SERVE_MAX_BYTES"] = str(max_bytes)
     os.environ["TRANSFERLAB_SERVE_MAX_PIXELS"] = str(max_pixels)
+    if api_key:
+        os.environ["TRANSFERLAB_API_KEY"] = api_key
     uvicorn.run("transferlab.service.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="info")

@@ -7,18 +7,25 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "QueueFull"]
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` images already: the request is refused now (HTTP 503), not queued."""
 
 
 class Batcher:
     """Collects images from concurrent requests into batches of at most ``max_batch`` and runs
-    ``predict_fn`` on them in a worker thread, one batch at a time. A request waits in the queue for as
-    long as it takes; it is answered, never dropped.
+    ``predict_fn`` on them in a worker thread, one batch at a time. A request that is queued is answered,
+    never dropped; one that would take the queue over ``max_queue`` images is refused at once
+    (:class:`QueueFull`). When a batch fails, its images are run one by one, so an image that breaks the
+    model fails its own request and never its neighbours'.
     """
 
     def __init__(self, predict_fn: Callable[[Sequence[Any]], np.ndarray], max_batch: int = 16,
-                 max_wait_s: float = 0.005) -> None:
+                 max_wait_s: float = 0.005, max_queue: int = 256) -> None:
         self.predict_fn, self.max_batch, self.max_wait_s = predict_fn, max_batch, max_wait_s
+        self.max_queue = max_queue
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
 
@@ -34,6 +41,8 @@ class Batcher:
         """Probabilities for ``images`` (queued behind earlier requests)."""
         if self._queue is None:
             await self.start()
+        if self._queue.qsize() + len(images) > self.max_queue:  # type: ignore[union-attr]
+            raise QueueFull(f"{self._queue.qsize()} images are waiting; the queue holds {self.max_queue}")  # type: ignore[union-attr]
         loop = asyncio.get_running_loop()
         futures = []
         for img in images:
@@ -61,7 +70,12 @@ class Batcher:
                 for (_, fut), p in zip(batch, probs):
                     if not fut.done():
                         fut.set_result(p)
-            except Exception as exc:  # the model failed: every waiting request learns why
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            except Exception:  # find the image that failed: each one alone
+                for img, fut in batch:
+                    try:
+                        p = (await asyncio.to_thread(self.predict_fn, [img]))[0]
+                        if not fut.done():
+                            fut.set_result(p)
+                    except Exception as exc:
+                        if not fut.done():
+                            fut.set_exception(exc)

@@ -369,9 +369,11 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     unfreeze = StageUnfreeze(stages, bns, freeze_epochs, cfg.unfreeze if pretrained else "all",
                              train_bn=not pretrained,
                              always_frozen=always_frozen)
+    # one file, checkpoints/last.ckpt, rewritten every epoch: it holds the last weights and (in
+    # BestWeights' state) the best ones; no version counter, so --resume reads what this run wrote
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="epoch{epoch:03d}", save_last=True,
-                           every_n_epochs=1, save_top_k=-1, auto_insert_metric_name=False,
-                           save_on_train_epoch_end=True)
+                           every_n_epochs=1, save_top_k=0, auto_insert_metric_name=False,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
     world = (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes  # DDP splits each epoch
     batches = max(1, math.ceil(len(train_loader) / world))
     # validation every val_steps batches within each epoch (and at its end); the run ends on one
