@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -83,6 +84,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _served(model_dir, *options: str):
+    """``transferlab serve MODEL`` in its own process on a free port, once /health answers: (process, url)."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "serve", str(model_dir), "--port", str(port),
+                               *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield server, url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_page_in_headless_chromium_predicts(trained_run, test_image):
     chromium = _chromium()
     if chromium is None:
@@ -91,17 +112,7 @@ def test_page_in_headless_chromium_predicts(trained_run, test_image):
         pytest.skip("Chromium is not installed here (CI installs it)")
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "serve", str(trained_run.model_dir),
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with _served(trained_run.model_dir) as (_, url):
         path, label = test_image
         errors = []
         with sync_playwright() as p:
@@ -118,9 +129,6 @@ def test_page_in_headless_chromium_predicts(trained_run, test_image):
             bars = page.locator(".bar").count()
             browser.close()
         assert shown == label and bars == 5 and errors == []
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _solid_png(size) -> bytes:
@@ -209,24 +217,10 @@ def test_request_pixel_budget_keeps_the_service_small(trained_run, test_image):
     under 2 GB (read from /proc for the uvicorn process)."""
     path, label = test_image
     big = _solid_png((8000, 5000))
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "serve", str(trained_run.model_dir),
-                               "--port", str(port), "--max-bytes", str(64 * len(big) + 1_000_000)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with _served(trained_run.model_dir, "--max-bytes", str(64 * len(big) + 1_000_000)) as (server, url):
         r = httpx.post(url + "/predict", files=[("files", (f"{i}.png", big)) for i in range(64)], timeout=120)
         assert r.status_code == 413 and "limit per request" in r.json()["error"]
         r = httpx.post(url + "/predict", files={"file": ("a.png", open(path, "rb").read())}, timeout=60)
         assert r.status_code == 200 and r.json()["label"] == label
         peak_kb = int(next(line.split()[1] for line in open(f"/proc/{server.pid}/status") if line.startswith("VmHWM")))
         assert peak_kb < 2 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
