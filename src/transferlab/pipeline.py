@@ -281,7 +281,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         out: run directory (default ``runs/<date>-<time>``).
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
         resume: continue the run in ``out`` from its last checkpoint, on its own split and options.
-        overwrite: replace the run already in ``out`` (its checkpoints are removed once the new run's data
+        overwrite: replace the run already in ``out`` (its checkpoints and logs are removed once the new run's data
             and backbone have loaded); without it a folder that holds anything is refused.
         started_at: ``time.time()`` when the user started the run (the CLI passes its start), from which
             ``time_limit`` counts; default now.
@@ -317,8 +317,9 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
                                      allow_download=cfg.allow_download, cut_stage=cfg.cut_stage,
                                      image_size=cfg.image_size)
     # data, backbone and weights are good: only now is anything of an earlier run replaced
-    if overwrite and not resume and _first_process():
+    if overwrite and not resume and _first_process():  # the old run's checkpoints and logs would mix in
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run / "logs", ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
     (run / "logs").mkdir(exist_ok=True)
     if not resume:
