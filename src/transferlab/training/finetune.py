@@ -298,9 +298,10 @@ def precision_for(accelerator: str, mixed_precision: bool) -> str:
     """Lightning precision for training: 16-mixed/bf16-mixed on CUDA, 32 on the CPU.
 
     bf16 autocast speeds up the CPU's forward pass but not its training step: on this project's 2-core
-    CPU (AMX and AVX512-BF16), efficientnet_lite0 with its stride-4 stages frozen trained at 14 img/s in
-    bf16 against 18 in fp32 at 224 px, 33 against 55 at 128 px and 69 against 125 at 64 px (the
-    backward pass of depthwise convolutions in bf16 is slow), so CPU training stays in fp32.
+    CPU (AMX and AVX512-BF16), efficientnet_lite0 with its stride-4 stages frozen trained at 15.0 img/s
+    in bf16 against 16.7 in fp32 at 224 px, 37.4 against 59.5 at 128 px and 74.6 against 154.9 at 64 px
+    (``bench/bench_train_step.py``; the backward pass of depthwise convolutions in bf16 is slow), so CPU
+    training stays in fp32.
     """
     if not mixed_precision:
         return "32-true"
