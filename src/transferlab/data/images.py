@@ -12,6 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -52,6 +53,17 @@ def is_image_path(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+_UNSUPPORTED = "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF)"
+_BOMB = "image too large (decompression bomb guard)"
+
+
+def _source(source: str | os.PathLike[str] | bytes, name: str | None) -> tuple[Any, str]:
+    """What Pillow opens (the path, or the bytes as a file) and what errors call it."""
+    if isinstance(source, (bytes, bytearray)):
+        return io.BytesIO(source), name or "upload"
+    return source, name or str(source)
+
+
 def decode(source: str | os.PathLike[str] | bytes, draft: int | None = None, max_pixels: int | None = None,
            name: str | None = None) -> tuple[Image.Image, ImageInfo]:
     """Decode an image file (a path, or the bytes of an upload) to 8-bit RGB and report what was converted.
@@ -72,15 +84,14 @@ def decode(source: str | os.PathLike[str] | bytes, draft: int | None = None, max
         ImageError: the file is missing, empty, not an image of an allowed format, truncated, corrupt or
             too thin.
     """
-    is_bytes = isinstance(source, (bytes, bytearray))
-    path = name or ("upload" if is_bytes else str(source))
+    fp, path = _source(source, name)
     info = ImageInfo()
     try:
-        if (len(source) if is_bytes else os.path.getsize(source)) == 0:
+        if (len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)) == 0:
             raise ImageError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if is_bytes else source, formats=IMAGE_FORMATS) as img:
+            with Image.open(fp, formats=IMAGE_FORMATS) as img:
                 info.width, info.height = img.size
                 info.mode, info.format = img.mode, img.format or ""
                 if max_pixels is not None and img.width * img.height > max_pixels:
@@ -102,9 +113,9 @@ def decode(source: str | os.PathLike[str] | bytes, draft: int | None = None, max
     except PermissionError:
         raise ImageError(path, "permission denied") from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF)") from None
+        raise ImageError(path, _UNSUPPORTED) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(path, f"image too large (decompression bomb guard): {exc}") from None
+        raise ImageTooLargeError(path, f"{_BOMB}: {exc}") from None
     except OSError as exc:
         msg = str(exc) or type(exc).__name__
         if "truncated" in msg:
@@ -122,17 +133,16 @@ def decode(source: str | os.PathLike[str] | bytes, draft: int | None = None, max
 def peek_size(source: str | os.PathLike[str] | bytes, name: str | None = None) -> tuple[int, int]:
     """Width and height from the header alone (no pixel decoded), with the same format allow-list as
     :func:`decode`; raises :class:`ImageError` for anything :func:`decode` would refuse on its header."""
-    is_bytes = isinstance(source, (bytes, bytearray))
-    path = name or ("upload" if is_bytes else str(source))
+    fp, path = _source(source, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if is_bytes else source, formats=IMAGE_FORMATS) as img:
+            with Image.open(fp, formats=IMAGE_FORMATS) as img:
                 return img.size
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF)") from None
+        raise ImageError(path, _UNSUPPORTED) from None
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(path, f"image too large (decompression bomb guard): {exc}") from None
+        raise ImageTooLargeError(path, f"{_BOMB}: {exc}") from None
     except Exception as exc:
         raise ImageError(path, f"corrupt image: {type(exc).__name__}: {exc}") from None
 

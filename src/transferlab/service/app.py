@@ -47,9 +47,8 @@ class HTTPProblem(Exception):
 
 def _prepare_upload(data: bytes, name: str, max_pixels: int, transform: Any) -> Any:
     """The upload decoded through the same guards as every file (:func:`~transferlab.data.images.decode`)
-    and preprocessed at once, so a request holds one full-size picture at a time, never all of them."""
-    if not data:
-        raise HTTPProblem(400, f"'{name}' is empty")
+    and preprocessed at once, so a request holds one full-size picture at a time, never all of them.
+    Empty uploads were refused by :func:`_request_pixels`, which runs first."""
     try:
         return transform(decode(data, max_pixels=max_pixels, name=f"'{name}'")[0])
     except ImageTooLargeError as exc:
