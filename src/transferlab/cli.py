@@ -49,8 +49,10 @@ def demo(out_dir: Path = typer.Option(Path("transferlab-demo"), "--out", help="F
 def _summary(run_dir: Path, metrics: dict[str, Any]) -> None:
     test = metrics.get("test") or metrics.get("val") or {}
     timing = metrics.get("timing", {})
-    acc = test.get("accuracy")
+    acc, ci = test.get("accuracy"), test.get("accuracy_ci")
     acc_s = f"{acc:.4f}" if acc is not None else "n/a"
+    if acc is not None and ci:
+        acc_s += f" (95% {ci[0]:.3f}-{ci[1]:.3f})"
     out.print(f"[bold green]done[/]: test accuracy {acc_s}, macro-F1 {test.get('macro_f1') or 0:.4f} "
               f"in {timing.get('total_s', 0):.1f}s -> {esc(str(run_dir))}/ (open {esc(str(run_dir))}/report.html)")
 
@@ -158,6 +160,8 @@ def train_cmd(
     num_nodes: int = typer.Option(1, "--num-nodes"),
     no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision (bf16 on CPU, AMP on CUDA)."),
     dedupe: bool = typer.Option(False, "--dedupe", help="Remove exact duplicates across splits from val/test."),
+    diagnose: bool = typer.Option(True, "--diagnose/--no-diagnose",
+                                  help="Label issues and learning curve of the training split (<= 10,000 images)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -175,7 +179,8 @@ def train_cmd(
                    weights=str(weights) if weights else None, allow_download=allow_download or None,
                    cache_dir=str(cache_dir) if cache_dir else None, no_cache=no_cache, workers=workers,
                    device=device, accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
-                   mixed_precision=not no_amp, quiet=quiet or as_json, dedupe=dedupe)
+                   mixed_precision=not no_amp, quiet=quiet or as_json, dedupe=dedupe,
+                   diagnose=diagnose)
     if resume is not None:
         overrides = {"quiet": quiet or as_json}
         if time_limit is not None:
@@ -288,15 +293,54 @@ def compare_cmd(data: Path = typer.Argument(..., help="Labelled folder or manife
     if as_json:
         print_json(rows)
         return
-    table = Table("backbone", "status", "accuracy", "macro-F1", "train s", "latency ms", "params M", "MB")
+    table = Table("backbone", "status", "accuracy (95%)", "p vs best", "macro-F1", "train s", "latency ms",
+                  "params M", "MB")
     for r in rows:
         if r["status"] != "ok":
-            table.add_row(r["backbone"], "skipped", "", "", "", "", "", r.get("reason", "")[:60])
+            table.add_row(r["backbone"], "skipped", "", "", "", "", "", "", r.get("reason", "")[:60])
         else:
-            table.add_row(r["backbone"], "ok", f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", str(r["train_s"]),
+            p = r.get("p_vs_best")
+            table.add_row(r["backbone"], "ok", f"{r['accuracy']:.4f} ({r['accuracy_ci']})",
+                          "best" if p is None else f"{p:.3g}", f"{r['macro_f1']:.4f}", str(r["train_s"]),
                           str(r["latency_ms"]), str(r["params_m"]), str(r["artifact_mb"]))
     out.print(table)
+    out.print("p vs best: McNemar's exact test on the same test images; above 0.05 the difference from the best "
+              "may be chance.")
     out.print(f"wrote {out_dir}/compare.csv and {out_dir}/compare.html")
+
+
+@app.command("diff")
+def diff_cmd(run_a: Path = typer.Argument(..., help="First run (or evaluate) directory."),
+             run_b: Path = typer.Argument(..., help="Second run directory, on the same test split."),
+             out_dir: Path = typer.Option(Path("diff"), "--out", help="Folder for diff.html, diff.csv, diff.json."),
+             top: int = typer.Option(20, "--top", help="Changed images to print."),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """The test images whose prediction changed between two runs, and per-class deltas with intervals."""
+    from .evaluation.diff import diff_runs, write_diff
+
+    d = diff_runs(run_a, run_b)
+    page = write_diff(d, out_dir)
+    if as_json:
+        print_json(d.to_dict())
+        return
+    table = Table("class", "images", "recall A", "recall B", "B - A (95%)", "fixed", "broken")
+    for c in d.per_class:
+        ci = c["delta_ci"]
+        table.add_row(esc(c["class"]), str(c["n"]), f"{c['recall_a']:.3f}", f"{c['recall_b']:.3f}",
+                      f"{100 * c['delta']:+.1f}" + (f" ({100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})" if ci else ""),
+                      str(c["fixed"]), str(c["broken"]))
+    out.print(table)
+    changes = Table("image", "true", "A", "B", "change", title=f"changed predictions ({len(d.changed)})")
+    for r in d.changed[:top]:
+        changes.add_row(esc(r["path"]), esc(r["true"]), esc(r["pred_a"]), esc(r["pred_b"]), r["change"])
+    out.print(changes)
+    m = d.mcnemar
+    out.print(f"{d.n_common} common test images: accuracy A {d.accuracy_a:.4f}, B {d.accuracy_b:.4f}; "
+              f"McNemar p = {m['p_value']:.3g} ({m['only_b_right']} only B right, {m['only_a_right']} only A right)."
+              f" Page: {esc(str(page))}")
+    if d.only_in_a or d.only_in_b:
+        err.print(f"[yellow]warning[/]: the test splits differ ({d.only_in_a} image(s) only in A, "
+                  f"{d.only_in_b} only in B); compared on the common ones.")
 
 
 @app.command()

@@ -57,6 +57,91 @@ def data_check(data: Path = typer.Argument(..., help="Labelled folder or manifes
         err.print(f"[yellow]warning[/]: {esc(w)}")
 
 
+@data_app.command("issues")
+def data_issues_cmd(data: Path = typer.Argument(..., help="Labelled folder or manifest."),
+                    out_dir: Path = typer.Option(Path("."), "--out", help="Folder for label_issues.csv and .html."),
+                    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+                    folds: int = typer.Option(5, "--folds", help="Cross-validation folds for out-of-sample probabilities."),
+                    seed: int = typer.Option(0, "--seed"), cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
+                    top: int = typer.Option(20, "--top", help="Rows to print."),
+                    quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Find probable label errors, outliers and conflicting near-duplicates (cached features, seconds)."""
+    from .diagnostics import data_issues
+
+    if folds < 2:
+        raise typer.BadParameter(f"--folds {folds}: expected at least 2")
+    setup_logging(quiet)
+    issues = data_issues(data, out_dir, backbone=backbone, seed=seed, folds=folds,
+                         cache_dir=str(cache_dir) if cache_dir else None, quiet=quiet or as_json)
+    if as_json:
+        print_json({"summary": issues.summary(), "rows": issues.rows})
+        return
+    s = issues.summary()
+    table = Table("file", "given", "suggested", "score", "reason", title=f"label issues in {esc(str(data))}")
+    for r in issues.rows[:top]:
+        table.add_row(esc(Path(r["path"]).name), esc(r["given_label"]), esc(r["suggested_label"]),
+                      f"{r['score']:.3f}", esc(r["reason"]))
+    out.print(table)
+    out.print(f"{s['images']} images in {s['seconds']:.1f}s: {s['suspected_label_errors']} suspected label error(s), "
+              f"{s['outliers']} outlier(s), {s['conflicting_near_duplicates']} conflicting near-duplicate(s). "
+              f"All rows: {esc(str(out_dir / 'label_issues.csv'))}; thumbnails: {esc(str(out_dir / 'label_issues.html'))}")
+
+
+@data_app.command("curve")
+def data_curve_cmd(data: Path = typer.Argument(..., help="Labelled folder or manifest."),
+                   out_dir: Path = typer.Option(Path("."), "--out", help="Folder for learning_curve.png and .json."),
+                   backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+                   seeds: int = typer.Option(3, "--seeds", help="Random subsets per training share."),
+                   seed: int = typer.Option(0, "--seed"), cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
+                   quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Do I need more data? Head accuracy against 10-100% of the training split, projected to 2x and 4x."""
+    from .diagnostics import data_curve
+
+    if seeds < 1:
+        raise typer.BadParameter(f"--seeds {seeds}: expected at least 1")
+    setup_logging(quiet)
+    curve = data_curve(data, out_dir, backbone=backbone, seed=seed, seeds=seeds,
+                       cache_dir=str(cache_dir) if cache_dir else None, quiet=quiet or as_json)
+    if as_json:
+        print_json(curve.to_dict())
+        return
+    table = Table("training images", "share", f"accuracy ({curve.scored_on})", "± (seeds)")
+    for n, f, a, sd in zip(curve.n_train, curve.fractions, curve.accuracy, curve.accuracy_std):
+        table.add_row(str(n), f"{100 * f:.0f}%", f"{a:.4f}", f"{sd:.4f}")
+    out.print(table)
+    for line in curve.sentences():
+        out.print(esc(line))
+    out.print(f"computed in {curve.seconds:.1f}s from cached features; plot: {esc(str(out_dir / 'learning_curve.png'))}")
+
+
+@data_app.command("relabel")
+def data_relabel_cmd(data: Path = typer.Argument(..., help="The dataset folder (or manifest) the issues came from."),
+                     issues_csv: Path = typer.Argument(..., help="label_issues.csv with accepted rows."),
+                     apply: bool = typer.Option(False, "--apply", help="Make the changes (default: only list them)."),
+                     accept_all: bool = typer.Option(False, "--all", help="Accept every row with a suggested label.")) -> None:
+    """Move accepted files to their suggested class folder (or write a corrected manifest); never deletes."""
+    from .data.relabel import apply_relabel, plan_relabel
+    from .diagnostics.label_issues import read_issues_csv
+
+    moves = plan_relabel(data, read_issues_csv(issues_csv), accept_all=accept_all)
+    if not moves:
+        out.print("no accepted rows: put 'yes' in the accept column of the rows to apply, or use --all.")
+        return
+    table = Table("file", "from", "to", "status")
+    for m in moves:
+        table.add_row(esc(m.path), esc(m.given), esc(m.label), esc(m.problem) if m.problem else
+                      (f"-> {esc(str(m.dest))}" if m.dest else "relabel in manifest"))
+    out.print(table)
+    ok = sum(1 for m in moves if not m.problem)
+    if not apply:
+        out.print(f"dry run: {ok} change(s) would be made; add --apply to make them.")
+        return
+    log_path = issues_csv.parent / "relabel_log.csv"
+    written = apply_relabel(data, moves, log_path)
+    where = f"; corrected manifest {esc(str(written))}" if written else ""
+    out.print(f"made {ok} change(s){where}; logged in {esc(str(log_path))}")
+
+
 @data_app.command("split")
 def data_split(data: Path = typer.Argument(...), out_path: Path = typer.Option(Path("split.csv"), "--out"),
                val: float = typer.Option(0.15, "--val"), test: float = typer.Option(0.15, "--test"),

@@ -19,13 +19,14 @@ from .data.split import split_dataset, write_split_csv
 from .errors import TransferlabError
 from .evaluation.plots import scatter_png
 from .evaluation.report import data_uri
+from .evaluation.stats import mcnemar
 
 __all__ = ["compare", "COMPARE_FIELDS"]
 
 log = logging.getLogger("transferlab")
 
-COMPARE_FIELDS = ("backbone", "status", "accuracy", "macro_f1", "train_s", "latency_ms", "params_m",
-                  "artifact_mb", "mode", "reason")
+COMPARE_FIELDS = ("backbone", "status", "accuracy", "accuracy_ci", "p_vs_best", "macro_f1", "train_s", "latency_ms",
+                  "params_m", "artifact_mb", "mode", "reason")
 
 
 def _latency_ms(model_dir: Path, image: str, repeats: int = 10) -> float:
@@ -69,7 +70,9 @@ def compare(data: str | os.PathLike[str], backbones: Sequence[str], out: str | o
                         seed=seed, quiet=quiet, pretrained=pretrained, **train_options)
             test = res.metrics.get("test") or {}
             params = sum(int(np.prod(s)) for s in _shapes(res.model_dir))
+            ci = test.get("accuracy_ci")
             row.update(status="ok", accuracy=test.get("accuracy"), macro_f1=test.get("macro_f1"),
+                       accuracy_ci=f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
                        train_s=round(res.metrics["timing"]["total_s"], 2),
                        latency_ms=round(_latency_ms(res.model_dir, sample_image), 2), params_m=round(params / 1e6, 3),
                        artifact_mb=round(sum(f.stat().st_size for f in res.model_dir.iterdir()) / 1e6, 2),
@@ -78,8 +81,32 @@ def compare(data: str | os.PathLike[str], backbones: Sequence[str], out: str | o
             log.warning("skipping %s: %s", name, exc)
             row.update(status="skipped", reason=str(exc).split(". Options:")[0])
         rows.append(row)
+    _paired_tests(out, rows)
     _write(out, rows, data)
     return rows
+
+
+def _correct_by_path(run: Path) -> dict[str, bool]:
+    """Whether each test image was predicted right, from a run's ``predictions.csv``."""
+    with open(run / "predictions.csv", newline="", encoding="utf-8") as f:
+        return {r["path"]: r["true_label"] == r["predicted_label"] for r in csv.DictReader(f)}
+
+
+def _paired_tests(out: Path, rows: list[dict[str, Any]]) -> None:
+    """``p_vs_best``: McNemar's exact test of each model against the most accurate one on the same test
+    images (``None`` for the best itself)."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("accuracy") is not None]
+    if not ok:
+        return
+    best = max(ok, key=lambda r: r["accuracy"])
+    ref = _correct_by_path(out / best["backbone"])
+    for r in ok:
+        if r is best:
+            r["p_vs_best"] = None
+            continue
+        mine = _correct_by_path(out / r["backbone"])
+        common = sorted(set(ref) & set(mine))
+        r["p_vs_best"] = round(mcnemar([ref[p] for p in common], [mine[p] for p in common])["p_value"], 6)
 
 
 def _shapes(model_dir: Path) -> list[tuple[int, ...]]:
@@ -104,7 +131,8 @@ def _write(out: Path, rows: list[dict[str, Any]], data: Any) -> None:
     for r in ok + [r for r in rows if r["status"] != "ok"]:
         cells = []
         for k in COMPARE_FIELDS:
-            v = r.get(k, "")
+            v = r.get(k)
+            v = ("best" if k == "p_vs_best" and r.get("status") == "ok" else "") if v is None else v
             cells.append(f"<td>{html.escape(f'{v:.4f}' if isinstance(v, float) and k in ('accuracy', 'macro_f1') else str(v))}</td>")
         body += "<tr>" + "".join(cells) + "</tr>"
     plot = ""
@@ -116,6 +144,7 @@ def _write(out: Path, rows: list[dict[str, Any]], data: Any) -> None:
             "<style>body{font-family:system-ui,sans-serif;margin:24px;color:#1d2330}table{border-collapse:collapse}"
             "th,td{border:1px solid #dde1e7;padding:4px 10px}th{background:#eef1f5}</style></head><body>"
             f"<h1>Backbone leaderboard</h1><p>data: {html.escape(str(data))}; same split for every backbone "
-            "(split.csv).</p>"
+            "(split.csv). accuracy_ci: 95% Wilson interval; p_vs_best: McNemar's exact test against the most "
+            "accurate model on the same test images (above 0.05, the difference may be chance).</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{plot}</body></html>")
     write_text(out / "compare.html", page)

@@ -63,6 +63,8 @@ class TrainConfig:
     augment: ``none|light|strong`` for fine-tuning; aug_views: augmented views cached per image (head).
     balance: ``none|weights|sampler`` against class imbalance (``class_weights='balanced'`` = weights).
     time_limit: seconds for the whole run; training stops in time to evaluate and save.
+    diagnose: after the head phase, search the training split for label issues and compute the learning
+        curve on the cached features (``label_issues.csv``/``.html``, report sections); up to 10,000 images.
     devices / strategy / num_nodes / accelerator: Lightning's, for fine-tuning (``ddp`` over several).
     """
 
@@ -110,6 +112,7 @@ class TrainConfig:
     quiet: bool = False
     top_k: tuple[int, ...] = (1, 3, 5)
     dedupe: bool = False
+    diagnose: bool = True
 
     def validate(self) -> "TrainConfig":
         """Check values; raises :class:`ConfigError` quoting the bad value."""
@@ -220,6 +223,12 @@ def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skippe
                                       [keep[i].path for i in by[sp]])
     stats = {"extract_s": extract_s, "head_s": time.perf_counter() - t1, "features_computed": computed,
              "features_cached": cached, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch}
+    if cfg.diagnose and _first_process():  # features in memory: label issues and learning curve cost seconds
+        from .diagnostics.training import diagnose_training
+
+        train_samples = [keep[i] for i in by["train"]]
+        stats["diagnosis"] = diagnose_training(train_samples, feats[by["train"]], _labels(train_samples, ds.classes),
+                                               xva, yva, ds.classes, run, c=result.c, seed=cfg.seed)
     return result.head, stats, ds, results
 
 
@@ -466,6 +475,10 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
     model_dir = save_artifact(run / "model", model.cpu().to(memory_format=torch.contiguous_format), model_cfg)
     sections, extra = report_sections(model, ds.classes, results.get("test"), results.get("val"), calibration,
                                       val_before, seed=cfg.seed)
+    diagnosis = stats.get("diagnosis")
+    if diagnosis is not None:
+        sections, extra = sections + diagnosis.sections(), {**extra, **diagnosis.metrics()}
+        warnings.extend(diagnosis.notes)
     metrics = write_run_outputs(run, labels=ds.classes, test=results.get("test"), val=results.get("val"),
                                 history=history.rows, summary=summary, counts=ds.counts(),
                                 skipped=[(k.path, k.reason) for k in skipped], warnings=warnings,

@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+from .stats import bootstrap_f1, wilson_interval
+
 __all__ = ["classification_metrics", "top_k_accuracy", "most_confused", "softmax"]
 
 
@@ -29,7 +31,9 @@ def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
 
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str],
                            top_k: Sequence[int] = (1, 3, 5)) -> dict[str, Any]:
-    """Accuracy, macro-F1, top-k accuracy, per-class precision/recall/F1/support and the confusion matrix.
+    """Accuracy, macro-F1, top-k accuracy, per-class precision/recall/F1/support and the confusion matrix,
+    each figure with its 95% interval (``*_ci``: Wilson for accuracy, precision and recall; a bootstrap
+    over the images for F1; see :mod:`transferlab.evaluation.stats`).
 
     The keys are those of ``metrics.json`` (see DESIGN.md).
     """
@@ -43,14 +47,28 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: Seq
                    confusion_matrix=[[0] * len(labels) for _ in labels])
         return out
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=k_all, zero_division=0)
+    cm = confusion_matrix(y, pred, labels=k_all)
+    macro_ci, f1_ci = bootstrap_f1(y, pred, len(labels))
     out["accuracy"] = float(accuracy_score(y, pred))
+    out["accuracy_ci"] = _ci(wilson_interval(int(np.trace(cm)), len(y)))
     out["macro_f1"] = float(f1_score(y, pred, labels=k_all, average="macro", zero_division=0))
+    out["macro_f1_ci"] = _ci(macro_ci)
     out["weighted_f1"] = float(f1_score(y, pred, labels=k_all, average="weighted", zero_division=0))
     out["top_k_accuracy"] = {str(k): top_k_accuracy(y, probs, k) for k in top_k if k <= len(labels)}
+    predicted = cm.sum(0)
     out["per_class"] = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                               "support": int(s[i])} for i, name in enumerate(labels)}
-    out["confusion_matrix"] = confusion_matrix(y, pred, labels=k_all).tolist()
+                               "support": int(s[i]),
+                               "precision_ci": _ci(wilson_interval(int(cm[i, i]), int(predicted[i]))),
+                               "recall_ci": _ci(wilson_interval(int(cm[i, i]), int(s[i]))),
+                               "f1_ci": _ci(f1_ci[i])} for i, name in enumerate(labels)}
+    out["confusion_matrix"] = cm.tolist()
+    out["intervals"] = {"level": 0.95, "accuracy, precision, recall": "Wilson score",
+                        "f1": "percentile bootstrap over the images (1000 resamples)"}
     return out
+
+
+def _ci(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [round(float(interval[0]), 6), round(float(interval[1]), 6)]
 
 
 def most_confused(cm: Sequence[Sequence[int]], labels: Sequence[str], n: int = 5) -> list[tuple[str, str, int]]:

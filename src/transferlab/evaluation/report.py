@@ -8,6 +8,7 @@ import math
 from typing import Any, Sequence
 
 from .metrics import most_confused
+from .stats import too_small_warning
 
 __all__ = ["render_report", "data_uri"]
 
@@ -44,13 +45,24 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def with_ci(value: Any, ci: Sequence[float] | None, digits: int = 3) -> str:
+    """``0.912 (0.897–0.925)``: a figure with its 95% interval, as text."""
+    if ci is None or value is None:
+        return _fmt(value, digits)
+    return f"{value:.{digits}f} ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})"
+
+
 def _per_class(split: dict[str, Any]) -> str:
-    rows = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in split["per_class"].items()]
-    if rows:
-        n = sum(r[4] for r in rows) or 1
-        rows.append(["macro avg", *(sum(r[i] for r in rows) / len(rows) for i in (1, 2, 3)), n])
-        rows.append(["weighted avg", *(sum(r[i] * r[4] for r in rows[:-1]) / n for i in (1, 2, 3)), n])
-    return _table(["class", "precision", "recall", "F1", "support"], rows)
+    rows = [[name, with_ci(m["precision"], m.get("precision_ci")), with_ci(m["recall"], m.get("recall_ci")),
+             with_ci(m["f1"], m.get("f1_ci")), m["support"]] for name, m in split["per_class"].items()]
+    stats = [(m["precision"], m["recall"], m["f1"], m["support"]) for m in split["per_class"].values()]
+    if stats:
+        n = sum(r[3] for r in stats) or 1
+        rows.append(["macro avg", *(_fmt(sum(r[i] for r in stats) / len(stats), 3) for i in (0, 1)),
+                     with_ci(split.get("macro_f1"), split.get("macro_f1_ci")), n])
+        rows.append(["weighted avg", *(_fmt(sum(r[i] * r[3] for r in stats) / n, 3) for i in (0, 1, 2)), n])
+    return ("<p class='sub'>Each figure with its 95% interval: Wilson for precision and recall, a bootstrap over "
+            "the images for F1.</p>" + _table(["class", "precision", "recall", "F1", "support"], rows))
 
 
 def render_report(*, title: str, metrics: dict[str, Any], images: dict[str, bytes],
@@ -62,10 +74,13 @@ def render_report(*, title: str, metrics: dict[str, Any], images: dict[str, byte
     test = metrics.get("test") or {}
     val = metrics.get("val") or {}
     cards = []
-    for label, value in (("test accuracy", test.get("accuracy")), ("test macro-F1", test.get("macro_f1")),
-                         ("val accuracy", val.get("accuracy")), ("test images", test.get("n"))):
+    for label, value, ci in (("test accuracy", test.get("accuracy"), test.get("accuracy_ci")),
+                             ("test macro-F1", test.get("macro_f1"), test.get("macro_f1_ci")),
+                             ("val accuracy", val.get("accuracy"), val.get("accuracy_ci")),
+                             ("test images", test.get("n"), None)):
         if value is not None:
-            cards.append(f'<div class="card">{html.escape(label)}<b>{_fmt(value, 3)}</b></div>')
+            span = f"<small>95%: {ci[0]:.3f}–{ci[1]:.3f}</small>" if ci else ""
+            cards.append(f'<div class="card">{html.escape(label)}<b>{_fmt(value, 3)}</b>{span}</div>')
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<meta name='viewport' content='width=device-width,initial-scale=1'>",
              f"<style>{_CSS}</style></head><body><main>",
@@ -89,8 +104,12 @@ def render_report(*, title: str, metrics: dict[str, Any], images: dict[str, byte
             continue
         parts.append(f"<h2>{split_name} metrics</h2>")
         topk = ", ".join(f"top-{k}: {_fmt(v, 3)}" for k, v in split.get("top_k_accuracy", {}).items())
-        parts.append(f"<p>accuracy {_fmt(split.get('accuracy'), 4)}, macro-F1 {_fmt(split.get('macro_f1'), 4)}"
+        parts.append(f"<p>accuracy {with_ci(split.get('accuracy'), split.get('accuracy_ci'), 4)}, macro-F1 "
+                     f"{with_ci(split.get('macro_f1'), split.get('macro_f1_ci'), 4)} (95% intervals)"
                      f"{'; ' + topk if topk else ''}</p>")
+        small = too_small_warning(int(split.get("n") or 0), split.get("accuracy")) if split is test else None
+        if small:
+            parts.append(f"<p class='warn'>{html.escape(small)}</p>")
         parts.append(_per_class(split))
         if split is test:
             pairs = most_confused(split["confusion_matrix"], split["labels"])
