@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,38 @@ def trained_run(tmp_path_factory, digits_dir):
     from transferlab.pipeline import train
 
     return train(digits_dir, tmp_path_factory.mktemp("run") / "run", mode="head", quiet=True)
+
+
+def chromium_path() -> str | None:
+    """The headless browser for page tests: Debian's Chromium (a failure in CI, a skip elsewhere)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("CI"):
+        pytest.fail("Chromium is missing in CI: .ci/run installs it (apt-get install chromium)")
+    pytest.skip("Chromium is not installed here (CI installs it): cannot render the page")
+
+
+def render_page(path: Path) -> tuple[int, bool, list[str], list[str]]:
+    """Open a local HTML file in headless Chromium: (number of images, all decoded, console errors,
+    URLs requested)."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium_path()
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(Path(path).resolve().as_uri())
+        page.wait_for_load_state("load")
+        n_images = page.evaluate("document.images.length")
+        loaded = page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        browser.close()
+    return n_images, loaded, errors, requests

@@ -32,7 +32,8 @@ def test_run_directory_and_metrics_keys(trained_run):
     for split in ("val", "test"):
         for key in ("accuracy", "macro_f1", "top_k_accuracy", "per_class", "confusion_matrix", "labels"):
             assert key in m[split]
-        assert set(m[split]["per_class"]["3"]) == {"precision", "recall", "f1", "support"}
+        assert set(m[split]["per_class"]["3"]) == {"precision", "recall", "f1", "support", "precision_ci",
+                                                    "recall_ci", "f1_ci"}
     assert set(m["timing"]) >= {"extract_s", "train_s", "total_s"}
     assert m["backbone"] == "efficientnet_lite0"
     assert sum(m["n_images"].values()) == 200
@@ -187,7 +188,8 @@ def test_evaluate_command_writes_outputs(trained_run, digits_dir, tmp_path):
 
 def test_mlp_head_and_class_weights(digits_dir, tmp_path):
     res = train(digits_dir, tmp_path / "mlp", mode="head", quiet=True, epochs=3, head=(64, 32), dropout=0.2,
-                class_weights="balanced")
+                class_weights="balanced", diagnose=False)
+    assert "learning_curve" not in res.metrics and not (tmp_path / "mlp" / "label_issues.csv").exists()
     cfg = json.loads((res.model_dir / "config.json").read_text())
     assert cfg["head"]["hidden"] == [64, 32]
     assert load_model(res.model_dir).predict_proba([res.run_dir / "split.csv"])[1][0] is not None

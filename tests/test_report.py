@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,16 +10,10 @@ import pytest
 
 from transferlab.pipeline import train
 
+from .conftest import render_page
+
 SECTIONS = ["Summary", "Data", "Test metrics", "Most confused pairs", "Confusion matrix", "Training curves",
-            "Calibration", "Top losses", "Random test predictions"]
-
-
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+            "Calibration", "Top losses", "Random test predictions", "Label issues", "Do I need more data?"]
 
 
 def test_report_has_every_section(trained_run):
@@ -39,27 +32,7 @@ def test_binary_report_has_roc_pr_and_threshold(photos_dir, tmp_path):
 
 
 def test_report_renders_in_headless_chromium(trained_run):
-    chromium = _chromium()
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing in CI: .ci/run installs it (apt-get install chromium)")
-        pytest.skip("Chromium is not installed here (CI installs it): cannot render report.html")
-    from playwright.sync_api import sync_playwright
-
-    errors, requests = [], []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("request", lambda r: requests.append(r.url))
-        page.goto((trained_run.run_dir / "report.html").as_uri())
-        page.wait_for_load_state("load")
-        n_images = page.evaluate("document.images.length")
-        loaded = page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
-        browser.close()
+    n_images, loaded, errors, requests = render_page(trained_run.run_dir / "report.html")
     assert n_images >= 6 and loaded
     assert errors == []
     assert all(u.startswith(("file:", "data:")) for u in requests), requests

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from PIL import Image
 
 from transferlab.service import create_app
 
-from .test_report import _chromium
+from .conftest import chromium_path
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +104,7 @@ def _served(model_dir, *options: str):
 
 
 def test_page_in_headless_chromium_predicts(trained_run, test_image):
-    chromium = _chromium()
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing in CI: .ci/run installs it (apt-get install chromium)")
-        pytest.skip("Chromium is not installed here (CI installs it)")
+    chromium = chromium_path()
     from playwright.sync_api import sync_playwright
 
     with _served(trained_run.model_dir) as (_, url):

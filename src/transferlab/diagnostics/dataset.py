@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +52,9 @@ def dataset_features(data: str | os.PathLike[str], *, backbone: str = "efficient
     the frozen backbone at the size ``train`` would choose without a time limit (cached, so a later
     ``train`` reuses them)."""
     ds = split_dataset(scan(data), seed=seed)
-    _, info = create_backbone(backbone)
+    bb, info = create_backbone(backbone)
     size = useful_size(native_size(ds.infos), info.preprocessing.size)
-    bb, info = create_backbone(backbone, image_size=size)
+    info = replace(info, preprocessing=replace(info.preprocessing, size=size))  # as train sets its planned size
     t0 = time.perf_counter()
     ext = FeatureExtractor(bb, info, quiet=quiet).extract([s.path for s in ds.samples], FeatureCache(cache_dir))
     keep = [s for s, ok in zip(ds.samples, ext.ok) if ok]
