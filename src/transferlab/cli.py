@@ -161,7 +161,7 @@ def train_cmd(
     no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision (bf16 on CPU, AMP on CUDA)."),
     dedupe: bool = typer.Option(False, "--dedupe", help="Remove exact duplicates across splits from val/test."),
     diagnose: bool = typer.Option(True, "--diagnose/--no-diagnose",
-                                  help="Label issues and learning curve of the training split (<= 10,000 images)."),
+                                  help="Label issues and learning curve of the training split (<= 5,000 images)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:

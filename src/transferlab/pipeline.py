@@ -64,7 +64,7 @@ class TrainConfig:
     balance: ``none|weights|sampler`` against class imbalance (``class_weights='balanced'`` = weights).
     time_limit: seconds for the whole run; training stops in time to evaluate and save.
     diagnose: after the head phase, search the training split for label issues and compute the learning
-        curve on the cached features (``label_issues.csv``/``.html``, report sections); up to 10,000 images.
+        curve on the cached features (``label_issues.csv``/``.html``, report sections); up to 5,000 images.
     devices / strategy / num_nodes / accelerator: Lightning's, for fine-tuning (``ddp`` over several).
     """
 

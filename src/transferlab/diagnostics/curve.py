@@ -1,7 +1,8 @@
 """The learning curve: "do I need more data?", answered from cached features in seconds.
 
 The probe head is fitted on 10, 20, 40, 80 and 100% of the training split (stratified, several seeds
-at each fraction) and scored on held-out images, overall and per class. A power law of the error,
+at each fraction; on the features' top principal directions, as the label-issue search) and scored
+on held-out images, overall and per class. A power law of the error,
 ``err(n) = a * n ** -b`` (the form learning curves take over a decade of data; Hestness et al. 2017),
 fitted on those points in log-log space extrapolates to 2x and 4x the data. The extrapolation is a
 guide, not a promise: a pure power law has no floor, so gains at 4x are an upper estimate.
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .probe import choose_c, fit_predict
+from .probe import choose_c, compress, fit_predict
 
 __all__ = ["LearningCurve", "learning_curve", "fit_power_law", "FRACTIONS", "PLATEAU_POINTS"]
 
@@ -146,8 +147,9 @@ def learning_curve(xtr: np.ndarray, ytr: np.ndarray, xev: np.ndarray, yev: np.nd
     """
     t0 = time.perf_counter()
     k = len(classes)
+    xtr, xev = compress(xtr, xev)
     if c is None:
-        c = choose_c(xtr, ytr, xev, yev, k)
+        c = choose_c(xtr, ytr, xev, yev, k, standardize=False)
     rng = np.random.default_rng(seed)
     counts = np.bincount(ytr, minlength=k)
     n_train, acc, acc_std = [], [], []
@@ -157,7 +159,7 @@ def learning_curve(xtr: np.ndarray, ytr: np.ndarray, xev: np.ndarray, yev: np.nd
         runs = []
         for _ in range(1 if f >= 1.0 else seeds):
             idx = _stratified(ytr, f, rng)
-            pred = fit_predict(xtr[idx], ytr[idx], xev, k, c).argmax(1)
+            pred = fit_predict(xtr[idx], ytr[idx], xev, k, c, standardize=False).argmax(1)
             runs.append(pred == yev)
         right = np.array(runs, float)
         n_train.append(int(sum(max(1, int(round(f * n))) for n in counts if n)))

@@ -1,7 +1,8 @@
 """Suspected label errors, outliers and conflicting near-duplicates, from cached features.
 
 1. Out-of-sample probabilities: K-fold cross-validated probes (no image is scored by a probe that saw
-   it), as confident learning requires (Northcutt, Jiang and Chuang, JAIR 2021).
+   it), as confident learning requires (Northcutt, Jiang and Chuang, JAIR 2021), on the features'
+   top principal directions (:func:`~transferlab.diagnostics.probe.compress`).
 2. Confident learning: each class ``j`` gets the threshold ``t_j``, the mean probability of ``j`` over
    the images labelled ``j``. An image counts as confidently belonging to the classes whose
    probability reaches their threshold; if the most probable of those is not its given label, the
@@ -27,7 +28,7 @@ from .._io import write_text
 from ..data.audit import near_duplicates
 from ..data.scan import Sample
 from ..errors import DataError
-from .probe import choose_c, fit_predict
+from .probe import choose_c, compress, fit_predict
 
 __all__ = ["LabelIssues", "find_label_issues", "out_of_sample_probs", "confident_learning", "outlier_scores",
            "ISSUE_FIELDS", "write_issues_csv", "read_issues_csv"]
@@ -53,12 +54,13 @@ def out_of_sample_probs(x: np.ndarray, y: np.ndarray, num_classes: int, folds: i
                         f"(the smallest has {smallest}).")
     k = int(min(folds, smallest))
     probs = np.zeros((len(y), num_classes))
-    splits = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y))
+    z = compress(x)[0]  # unsupervised: the labels never enter, so no fold sees another's labels
+    splits = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(z, y))
     if c is None:
         fit_idx, val_idx = splits[0]
-        c = choose_c(x[fit_idx], y[fit_idx], x[val_idx], y[val_idx], num_classes)
+        c = choose_c(z[fit_idx], y[fit_idx], z[val_idx], y[val_idx], num_classes, standardize=False)
     for fit_idx, held in splits:
-        probs[held] = fit_predict(x[fit_idx], y[fit_idx], x[held], num_classes, c)
+        probs[held] = fit_predict(z[fit_idx], y[fit_idx], z[held], num_classes, c, standardize=False)
     return probs, float(c)
 
 

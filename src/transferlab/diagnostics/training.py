@@ -21,9 +21,10 @@ __all__ = ["Diagnosis", "diagnose_training", "DIAGNOSE_MAX_TRAIN"]
 
 log = logging.getLogger("transferlab")
 
-#: Training splits up to this many images get the diagnostics by default: on the 2-core CPU the
-#: digits' 1,259 training images take a few seconds (BENCHMARKS.md); larger sets use `data issues`.
-DIAGNOSE_MAX_TRAIN = 10_000
+#: Training splits up to this many images get the diagnostics by default. On the 2-core CPU the
+#: digits' 1,259 training images take about 15 s and 10,000 Fashion-MNIST images about two minutes
+#: (BENCHMARKS.md); larger sets use `data issues` and `data curve`.
+DIAGNOSE_MAX_TRAIN = 5_000
 
 
 @dataclass
@@ -59,7 +60,7 @@ def diagnose_training(samples: Sequence[Sample], x: np.ndarray, y: np.ndarray, x
     d = Diagnosis()
     if len(y) > DIAGNOSE_MAX_TRAIN:
         d.notes.append(f"label issues and learning curve skipped: {len(y)} training images (more than "
-                       f"{DIAGNOSE_MAX_TRAIN}); run `transferlab data issues` and `data curve`.")
+                       f"{DIAGNOSE_MAX_TRAIN:,}); run `transferlab data issues` and `data curve`.")
         return d
     try:
         d.issues = find_label_issues(samples, x, classes, seed=seed, c=c)
