@@ -114,7 +114,10 @@ def test_simple_cnn_from_scratch_and_compare_table(digits_dir, tmp_path):
     assert by["simple_cnn"]["status"] == "ok" and by["efficientnet_lite0"]["status"] == "ok"
     assert by["resnet50"]["status"] == "skipped" and "no pretrained weights" in by["resnet50"]["reason"]
     csv_text = (tmp_path / "cmp" / "compare.csv").read_text()
-    assert "simple_cnn" in csv_text and "efficientnet_lite0" in csv_text
+    assert "simple_cnn" in csv_text and "efficientnet_lite0" in csv_text and "p_vs_best" in csv_text
+    ok = [by["simple_cnn"], by["efficientnet_lite0"]]
+    assert sorted(r["p_vs_best"] is None for r in ok) == [False, True]  # the best has none; the other a p-value
+    assert all(0 <= r["p_vs_best"] <= 1 for r in ok if r["p_vs_best"] is not None)
     assert "data:image/png;base64" in (tmp_path / "cmp" / "compare.html").read_text()
     cfg = json.loads((tmp_path / "cmp" / "simple_cnn" / "model" / "config.json").read_text())
     assert cfg["backbone"]["pretrained"] is False

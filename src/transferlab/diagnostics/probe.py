@@ -7,6 +7,7 @@ L2-regularised multinomial logistic regression on features standardised as the h
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -44,6 +45,7 @@ def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, num_cl
                 max_iter: int = 300, standardize: bool = True) -> np.ndarray:
     """Probabilities ``(len(x_eval), num_classes)`` of a probe fitted on ``(x_fit, y_fit)``; a class absent
     from ``y_fit`` gets probability 0. ``standardize=False`` for features that :func:`compress` made."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     probs = np.zeros((len(x_eval), num_classes))
@@ -59,7 +61,9 @@ def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, num_cl
         basis = np.linalg.svd(xf, full_matrices=False)[2]
         xf, xe = xf @ basis.T, xe @ basis.T
     clf = LogisticRegression(C=c, max_iter=max_iter, tol=1e-3)
-    clf.fit(xf, y_fit)
+    with warnings.catch_warnings():  # a probe a little short of convergence ranks images just as well
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(xf, y_fit)
     probs[:, clf.classes_] = clf.predict_proba(xe)
     return probs
 
