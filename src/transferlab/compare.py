@@ -95,7 +95,8 @@ def _correct_by_path(run: Path) -> dict[str, bool]:
 def _paired_tests(out: Path, rows: list[dict[str, Any]]) -> None:
     """``p_vs_best``: McNemar's exact test of each model against the most accurate one on the same test
     images (``None`` for the best itself)."""
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("accuracy") is not None]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("accuracy") is not None
+          and (out / r["backbone"] / "predictions.csv").is_file()]
     if not ok:
         return
     best = max(ok, key=lambda r: r["accuracy"])
