@@ -212,3 +212,85 @@ def test_compare_mcnemar_against_best(tmp_path):
     by = {r["backbone"]: r for r in rows}
     assert by["good"]["p_vs_best"] is None
     assert by["bad"]["p_vs_best"] < 1e-4 and by["close"]["p_vs_best"] == 1.0
+
+
+def _subset(src: Path, dst: Path, classes: list[str]) -> Path:
+    for c in classes:
+        shutil.copytree(src / c, dst / c)
+    return dst
+
+
+def test_knn_mode_add_and_remove_class(digits_dir, tmp_path, capsys):
+    """A nearest-prototype model on eight digits; the ninth added in seconds, then removed again."""
+    from transferlab.pipeline import train
+    from transferlab.predict import load_model
+
+    data = _subset(digits_dir, tmp_path / "eight", [str(i) for i in range(8)])
+    res = train(data, tmp_path / "knn", mode="knn", quiet=True, diagnose=False)
+    cfg = json.loads((res.model_dir / "config.json").read_text())
+    assert cfg["head"]["kind"] == "prototypes" and cfg["head"]["scale"] > 0
+    assert res.metrics["test"]["accuracy"] > 0.6  # eight classes: chance is 0.125
+    nines = sorted(str(p) for p in (digits_dir / "9").glob("*.png"))
+    others = sorted(str(p) for p in (data / "3").glob("*.png"))[:5]
+    before = load_model(res.model_dir).predict_proba(others)[0]
+    assert main(["add-class", str(res.model_dir), str(digits_dir / "9"), "-q"]) == 0
+    assert "added: prototype of 20 image(s)" in capsys.readouterr().out
+    model = load_model(res.model_dir)
+    assert model.classes[-1] == "9" and len(model.classes) == 9
+    assert np.mean([r.label == "9" for r in model.predict(nines)]) >= 0.6  # its own images: mostly itself
+    assert list(res.model_dir.parent.glob("model.bak-*"))
+    assert main(["remove-class", str(res.model_dir), "9"]) == 0
+    after = load_model(res.model_dir).predict_proba(others)[0]
+    np.testing.assert_allclose(after, before, atol=1e-5)  # the other classes' scores are as before
+    assert main(["remove-class", str(res.model_dir), "nope"]) != 0  # a clear error, no traceback
+
+
+def test_add_class_refits_a_linear_head(digits_dir, tmp_path):
+    from transferlab.classes import add_class
+    from transferlab.pipeline import train
+    from transferlab.predict import load_model
+
+    data = _subset(digits_dir, tmp_path / "eight", [str(i) for i in range(8)])
+    res = train(data, tmp_path / "head", mode="head", quiet=True, diagnose=False)
+    change = add_class(res.model_dir, digits_dir / "9", quiet=True)
+    assert change.classes[-1] == "9" and "refitted" in change.how and change.val_accuracy > 0.5
+    cfg = json.loads((res.model_dir / "config.json").read_text())
+    assert cfg["metrics"]["test_accuracy"] is None and "added by add-class" in cfg["metrics"]["note"]
+    model = load_model(res.model_dir)
+    nines = sorted(str(p) for p in (digits_dir / "9").glob("*.png"))
+    assert np.mean([r.label == "9" for r in model.predict(nines)]) >= 0.6
+    with pytest.raises(Exception, match="already a class"):
+        add_class(res.model_dir, digits_dir / "9", quiet=True)
+
+
+def test_open_set_unknown_in_predict_and_serve(trained_run, tmp_path, capsys):
+    """The digits model calls real photographs 'unknown' with --open-set, keeps most digits, and serves
+    the same decision; the scorer lives in the artifact, calibrated to accept 95% of validation."""
+    from fastapi.testclient import TestClient
+
+    from transferlab.service import create_app
+
+    from .conftest import photo_crops
+
+    m = trained_run.metrics["open_set"]
+    assert m["method"] == "knn" and m["accept"] == 0.95 and 0 < m["test_accepted"] <= 1
+    assert (trained_run.model_dir / "openset.safetensors").is_file()
+    photos = []
+    for name in ("astronaut", "coffee", "rocket"):
+        for i, im in enumerate(photo_crops(name, 2, seed=5)):
+            photos.append(tmp_path / f"{name}{i}.jpg")
+            im.save(photos[-1])
+    with open(trained_run.run_dir / "predictions.csv", newline="") as f:
+        digits = [r["path"] for r in csv.DictReader(f)]
+    assert main(["predict", str(trained_run.model_dir), *map(str, photos), *digits, "--open-set", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    unknown = [r["label"] == "unknown" for r in res]
+    assert all(unknown[: len(photos)]), res[: len(photos)]
+    assert np.mean(unknown[len(photos):]) <= 0.25 and all("ood_score" in r for r in res)
+    assert main(["predict", str(trained_run.model_dir), str(photos[0]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["label"] != "unknown"  # off unless asked
+    with TestClient(create_app(trained_run.model_dir, open_set=True)) as c:
+        r = c.post("/predict", files={"file": ("p.jpg", photos[0].read_bytes(), "image/jpeg")}).json()
+        assert r["label"] == "unknown" and r["ood_score"] > trained_run.metrics["open_set"]["threshold"]
+        r = c.post("/predict", files={"file": ("d.png", Path(digits[0]).read_bytes(), "image/png")}).json()
+        assert "ood_score" in r

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from ._io import file_digest, fsync_path, umask_mode, write_json
@@ -23,12 +24,14 @@ from .backbones.models import Classifier, build_head, create_backbone
 from .data.transforms import Preprocessing
 from .errors import ArtifactError, TransferlabError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_artifact", "load_artifact", "read_config", "package_versions"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_artifact", "load_artifact", "load_openset", "read_config",
+           "package_versions"]
 
 FORMAT = "transferlab-model"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+OPENSET = "openset.safetensors"
 
 
 def package_versions() -> dict[str, str]:
@@ -44,11 +47,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def save_artifact(directory: str | os.PathLike[str], model: Classifier, config: dict[str, Any]) -> Path:
+def save_artifact(directory: str | os.PathLike[str], model: Classifier, config: dict[str, Any],
+                  openset: Any | None = None) -> Path:
     """Write ``model`` and ``config`` as an artifact at ``directory`` (replacing one that is there).
 
     ``config`` must hold ``classes``, ``backbone``, ``preprocessing`` and ``head``; the format fields,
-    weights digest and package versions are added here.
+    weights digest and package versions are added here. ``openset``: a calibrated
+    :class:`~transferlab.training.openset.KnnDistance`, written as ``openset.safetensors`` with its
+    record and digest in ``config["openset"]``.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -60,13 +66,18 @@ def save_artifact(directory: str | os.PathLike[str], model: Classifier, config: 
         os.chmod(tmp / WEIGHTS, umask_mode())  # safetensors writes 0600
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **config,
                 "weights_sha256": file_digest(tmp / WEIGHTS), "versions": package_versions()}
+        full.pop("openset", None)
+        if openset is not None:
+            save_numpy({k: v for k, v in openset.to_tensors().items()}, str(tmp / OPENSET))
+            os.chmod(tmp / OPENSET, umask_mode())
+            full["openset"] = {**openset.record(), "sha256": file_digest(tmp / OPENSET)}
         write_json(tmp / CONFIG, full)
         pause = float(os.environ.get("TRANSFERLAB_FAULT_SAVE_PAUSE_S", "0") or 0)
         if pause:  # fault injection for the crash-while-saving test: a kill now must leave the old model
             import time
 
             time.sleep(pause)
-        for path in (tmp / WEIGHTS, tmp / CONFIG, tmp):  # on the disk before the renames
+        for path in [p for p in (tmp / WEIGHTS, tmp / OPENSET) if p.exists()] + [tmp / CONFIG, tmp]:  # on disk first
             fsync_path(path)
         previous = directory.with_name(directory.name + ".previous")
         if directory.exists():
@@ -186,3 +197,16 @@ def load_artifact(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str, A
         raise ArtifactError(f"'{weights}' does not fit the architecture in {CONFIG}: " + "; ".join(parts))
     model.load_state_dict(state)
     return model.eval(), cfg
+
+
+def load_openset(cfg: dict[str, Any]):
+    """The open-set scorer of an artifact (``None`` when it has none), its file checked against the digest."""
+    from .training.openset import KnnDistance
+
+    record = cfg.get("openset")
+    if not record:
+        return None
+    path = Path(cfg["_dir"]) / OPENSET
+    if not path.is_file() or file_digest(path) != record.get("sha256"):
+        raise ArtifactError(f"'{path}' is missing or does not match the digest in {CONFIG}.")
+    return KnnDistance.from_parts(load_numpy(str(path)), record)

@@ -119,7 +119,8 @@ def train_cmd(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused without it)."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
-    mode: str = typer.Option("auto", "--mode", help="head (cached features), finetune (end to end) or auto (head, then fine-tune)."),
+    mode: str = typer.Option("auto", "--mode", help="head (cached features), knn (nearest class prototype, no "
+                             "training), finetune (end to end) or auto (head, then fine-tune)."),
     head: Optional[str] = typer.Option(None, "--head", help="MLP head widths, e.g. 1024,1024 (default linear)."),
     dropout: float = typer.Option(0.0, "--dropout"),
     epochs: int = typer.Option(100, "--epochs", help="Head phase: at most; early stopping ends sooner."),
@@ -222,6 +223,9 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write .csv or .json."),
             threshold: Optional[float] = typer.Option(None, "--threshold", help="Label 'unknown' below this top probability."),
             tta: bool = typer.Option(False, "--tta", help="Average the image and its mirror."),
+            open_set: bool = typer.Option(False, "--open-set", help="Label 'unknown' the images unlike every "
+                                          "class (distance to the training images; calibrated to accept 95% of "
+                                          "validation images)."),
             no_calibration: bool = typer.Option(False, "--no-calibration", help="Ignore the fitted temperature."),
             engine: str = typer.Option("auto", "--engine", help="auto, torch or onnx (auto: the model's checked "
                                        "ONNX export where ONNX Runtime is the faster engine on this CPU)."),
@@ -232,11 +236,11 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
 
     if threshold is not None and not 0 <= threshold <= 1:
         raise typer.BadParameter(f"--threshold {threshold}: expected a probability between 0 and 1")
-    predictor = load_model(model, engine=engine)
+    predictor = load_model(model, engine="torch" if open_set and engine == "auto" else engine)
     if not as_json:
         err.print(f"engine: {'ONNX Runtime' if predictor.engine == 'onnx' else 'PyTorch'}")
     results = predictor.predict(expand_paths(paths), top_k=top_k, threshold=threshold, tta=tta,
-                                calibrated=not no_calibration)
+                                calibrated=not no_calibration, open_set=open_set)
     if output is not None:
         write_predictions(results, output)
     if as_json:
@@ -278,7 +282,7 @@ def compare_cmd(data: Path = typer.Argument(..., help="Labelled folder or manife
                 backbones_: str = typer.Option("efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,simple_cnn",
                                                "--backbones", help="Comma-separated backbone names."),
                 out_dir: Path = typer.Option(Path("compare"), "--out"),
-                mode: str = typer.Option("auto", "--mode", help="head or auto (simple_cnn always trains from scratch)."),
+                mode: str = typer.Option("auto", "--mode", help="head, knn or auto (simple_cnn always trains from scratch)."),
                 time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Budget per backbone, e.g. 5m."),
                 ft_epochs: int = typer.Option(8, "--ft-epochs"), image_size: Optional[int] = typer.Option(None, "--image-size"),
                 seed: int = typer.Option(0, "--seed"), quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -343,6 +347,31 @@ def diff_cmd(run_a: Path = typer.Argument(..., help="First run (or evaluate) dir
                   f"{d.only_in_b} only in B); compared on the common ones.")
 
 
+@app.command("add-class")
+def add_class_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/model)."),
+                  folder: Path = typer.Argument(..., help="Folder of images of the new class."),
+                  name: Optional[str] = typer.Option(None, "--name", help="Class name (default: the folder's name)."),
+                  seed: int = typer.Option(0, "--seed"), quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """Add a class to a knn or linear-head model in seconds (no fine-tuning); the old model is kept as a backup."""
+    from .classes import add_class
+
+    setup_logging(quiet)
+    ch = add_class(model, folder, name, seed=seed, quiet=quiet)
+    val = f"; val accuracy {ch.val_accuracy:.4f}" if ch.val_accuracy is not None else ""
+    out.print(f"added: {esc(ch.how)} in {ch.seconds:.1f}s{val}. Classes: {esc(', '.join(ch.classes))}. "
+              f"Previous model: {esc(str(ch.backup))}")
+
+
+@app.command("remove-class")
+def remove_class_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/model)."),
+                     name: str = typer.Argument(..., help="The class to remove.")) -> None:
+    """Remove a class from a model (its row of the last layer); the old model is kept as a backup."""
+    from .classes import remove_class
+
+    ch = remove_class(model, name)
+    out.print(f"removed '{esc(name)}'. Classes: {esc(', '.join(ch.classes))}. Previous model: {esc(str(ch.backup))}")
+
+
 @app.command()
 def explain(model: Path = typer.Argument(..., help="Model directory."), image: Path = typer.Argument(...),
             out_path: Path = typer.Option(Path("heat.png"), "--out"),
@@ -379,12 +408,13 @@ def serve(model: Path = typer.Argument(..., help="Model directory or exported .o
           max_bytes: int = typer.Option(20 * 1024 * 1024, "--max-bytes", help="Largest request body."),
           max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (decompression bombs)."),
           api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TRANSFERLAB_API_KEY",
-                                                help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")) -> None:
+                                                help="Require 'Authorization: Bearer KEY' on every endpoint but /health."),
+          open_set: bool = typer.Option(False, "--open-set", help="Answer 'unknown' for images unlike every class.")) -> None:
     """HTTP API (POST /predict, GET /health, /labels, /docs) and a web page at /."""
     from .service.app import serve as run_service
 
     run_service(model, host=host, port=port, workers=workers, max_bytes=max_bytes, max_pixels=max_pixels,
-                api_key=api_key)
+                api_key=api_key, open_set=open_set)
 
 
 @app.command("export")

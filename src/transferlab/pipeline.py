@@ -38,13 +38,17 @@ from .predict import Predictor
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
 from .training.plan import Plan
-from .training.head import HeadConfig, balanced_class_weights, fit_head, fit_probe
+from .training.head import HeadConfig, HeadResult, balanced_class_weights, fit_head, fit_probe
+from .training.openset import fit_knn_distance
+from .training.prototypes import fit_prototypes
 
 __all__ = ["TrainConfig", "RunResult", "train", "default_run_dir"]
 
 log = logging.getLogger("transferlab")
 
-MODES = ("head", "finetune", "auto")
+MODES = ("head", "finetune", "auto", "knn")
+#: Share of in-distribution (validation) images the open-set threshold accepts.
+OPEN_SET_ACCEPT = 0.95
 BALANCE = ("none", "weights", "sampler")
 
 
@@ -53,7 +57,8 @@ class TrainConfig:
     """Every option of ``transferlab train`` with its default (the README says why).
 
     backbone: alias or timm name (default ``efficientnet_lite0``, weights bundled offline).
-    mode: ``head`` trains a head on cached frozen features; ``finetune`` trains the network end to end
+    mode: ``head`` trains a head on cached frozen features; ``knn`` takes the nearest class prototype
+        (mean feature) with no training, as a linear head; ``finetune`` trains the network end to end
         (backbone frozen for ``freeze_epochs``, then ``unfreeze`` stages with discriminative rates;
         the stages at output stride ``frozen_stride`` or finer never train, 0 trains them too);
         ``auto`` (default) does ``head`` first, then fine-tunes starting from that head.
@@ -212,7 +217,13 @@ def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skippe
                           label_smoothing=cfg.label_smoothing, class_weights=weights,
                           balance_sampler=cfg.balance == "sampler", seed=cfg.seed, quiet=cfg.quiet)
     xva, yva = feats[by["val"]], _labels([keep[i] for i in by["val"]], ds.classes)
-    if cfg.head:
+    head_kind: dict[str, Any] = {"kind": "mlp" if cfg.head else "linear"}
+    if cfg.mode == "knn":
+        if cfg.head:
+            raise ConfigError("--mode knn is a nearest-prototype model: it takes no --head widths.")
+        proto, scale = fit_prototypes(xtr, ytr, xva, yva, n_classes)
+        result, head_kind = HeadResult(proto), {"kind": "prototypes", "scale": scale}
+    elif cfg.head:
         result = fit_head(xtr, ytr, xva, yva, n_classes, head_cfg, log_dir=run / "logs", history=history)
     else:
         result = fit_probe(xtr, ytr, xva, yva, n_classes, head_cfg, history=history)
@@ -222,7 +233,14 @@ def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skippe
             results[sp] = SplitResult(_labels([keep[i] for i in by[sp]], ds.classes), _probs(result.head, feats[by[sp]]),
                                       [keep[i].path for i in by[sp]])
     stats = {"extract_s": extract_s, "head_s": time.perf_counter() - t1, "features_computed": computed,
-             "features_cached": cached, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch}
+             "features_cached": cached, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+             "head_kind": head_kind}
+    if len(yva) >= 20:  # open set: distance to the training images, calibrated to accept 95% of val
+        stats["openset"] = fit_knn_distance(feats[by["train"]], seed=cfg.seed)
+        stats["openset"].calibrate(xva, OPEN_SET_ACCEPT)
+        if by["test"]:
+            stats["openset_test_accepted"] = float(np.mean(stats["openset"].score(feats[by["test"]])
+                                                           <= stats["openset"].threshold))
     if cfg.diagnose and _first_process():  # features in memory: label issues and learning curve cost seconds
         from .diagnostics.training import diagnose_training
 
@@ -335,7 +353,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         write_json(run / "train_config.json", {"data": str(Path(data).resolve()), "config": _jsonable(asdict(cfg))})
     write_split_csv(ds.samples, run / "split.csv")
     write_skipped_csv(skipped, run / "skipped.csv")
-    use_head = cfg.mode == "head" or (cfg.mode == "auto" and info.pretrained)
+    use_head = cfg.mode in ("head", "knn") or (cfg.mode == "auto" and info.pretrained)
     use_ft = cfg.mode == "finetune" or (cfg.mode == "auto")
     if resume and (run / "plan.json").is_file():  # a resumed run keeps its input size
         cfg = replace(cfg, image_size=json.loads((run / "plan.json").read_text(encoding="utf-8"))["image_size"])
@@ -463,7 +481,8 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
         "classes": ds.classes,
         "backbone": info.to_dict(),
         "preprocessing": info.preprocessing.to_dict(),
-        "head": {"in_features": info.num_features, "hidden": list(cfg.head), "dropout": cfg.dropout},
+        "head": {"in_features": info.num_features, "hidden": list(cfg.head), "dropout": cfg.dropout,
+                 **stats.get("head_kind", {"kind": "mlp" if cfg.head else "linear"})},
         "calibration": calibration,
         "training": {"mode": cfg.mode, "config": _jsonable(asdict(cfg)), "n_images": n_images,
                      "head_epochs": stats.get("epochs_run"), "finetune_epochs": ft.epochs_run if ft else 0,
@@ -472,7 +491,10 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
                     "test_macro_f1": headline.get("test", {}).get("macro_f1"),
                     "val_accuracy": headline.get("val", {}).get("accuracy")},
     }
-    model_dir = save_artifact(run / "model", model.cpu().to(memory_format=torch.contiguous_format), model_cfg)
+    # the open-set scorer describes the features it was fitted on: not those of a fine-tuned backbone
+    openset = stats.get("openset") if not (ft and ft.improved) else None
+    model_dir = save_artifact(run / "model", model.cpu().to(memory_format=torch.contiguous_format), model_cfg,
+                              openset=openset)
     sections, extra = report_sections(model, ds.classes, results.get("test"), results.get("val"), calibration,
                                       val_before, seed=cfg.seed)
     diagnosis = stats.get("diagnosis")
@@ -485,6 +507,8 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
                                 extra_metrics={"timing": timing, "backbone": info.name, "n_images": n_images,
                                                "mode": cfg.mode, "stopped_by_time": bool(ft and ft.stopped_by_time),
                                                "calibration": calibration, "plan": plan.to_dict() if plan else None,
+                                               "open_set": {**openset.record(), "test_accepted":
+                                                            stats.get("openset_test_accepted")} if openset else None,
                                                "finetune": _finetune_record(ft, ft_s), **extra},
                                 extra_sections=sections,
                                 title=f"transferlab: {Path(data).name}", top_k=cfg.top_k)

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ._io import file_digest
-from .artifacts import load_artifact, read_config
+from .artifacts import load_artifact, load_openset, read_config
 from .backbones.models import Classifier
 from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
@@ -36,11 +36,16 @@ class Prediction:
     probability: float | None = None
     top_k: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    ood_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: ``{"path", "label", "probability", "predictions": [...], "error"}``."""
-        return {"path": self.source, "label": self.label, "probability": self.probability,
-                "predictions": self.top_k, "error": self.error}
+        """JSON-ready form: ``{"path", "label", "probability", "predictions": [...], "error"}``, plus
+        ``ood_score`` when the open-set check ran."""
+        out = {"path": self.source, "label": self.label, "probability": self.probability,
+               "predictions": self.top_k, "error": self.error}
+        if self.ood_score is not None:
+            out["ood_score"] = self.ood_score
+        return out
 
 
 def expand_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
@@ -68,6 +73,7 @@ class Predictor:
     """
 
     engine = "torch"
+    openset = None  # the artifact's open-set scorer (load_model sets it)
 
     def __init__(self, model: Classifier, config: dict[str, Any], device: str | None = None,
                  mixed_precision: bool = True, batch_size: int = 32, workers: int = 0, keep_memory: bool = True) -> None:
@@ -84,18 +90,28 @@ class Predictor:
         self.transform = EvalTransform(self.preprocessing)
 
     @torch.inference_mode()
-    def logits(self, batch: torch.Tensor) -> np.ndarray:
-        """Logits (float32) of a uint8 NCHW batch."""
+    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and pooled features (float32) of a uint8 NCHW batch."""
         x = to_device_batch(batch, self.device)
         with autocast(self.device, self.mixed_precision):
-            feats = self.graph(x)
-        return self.model.head(feats.float()).float().cpu().numpy()
+            feats = self.graph(x).float()
+        return self.model.head(feats).float().cpu().numpy(), feats.cpu().numpy()
+
+    def logits(self, batch: torch.Tensor) -> np.ndarray:
+        """Logits (float32) of a uint8 NCHW batch."""
+        return self._forward(batch)[0]
 
     def _probs(self, batch: torch.Tensor, temperature: float, tta: bool) -> np.ndarray:
-        p = softmax(self.logits(batch), temperature)
+        return self._batch(batch, temperature, tta, False)[0]
+
+    def _batch(self, batch: torch.Tensor, temperature: float, tta: bool,
+               scores: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities of a batch and, with ``scores``, its open-set scores (of the image, not the mirror)."""
+        logits, feats = self._forward(batch)
+        p = softmax(logits, temperature)
         if tta:  # average with the mirror image
             p = (p + softmax(self.logits(batch.flip(-1)), temperature)) / 2
-        return p
+        return p, (self.openset.score(feats) if scores and self.openset is not None else None)
 
     def predict_proba(self, inputs: Sequence[ImageInput], calibrated: bool = True,
                       tta: bool = False) -> tuple[np.ndarray, list[str | None]]:
@@ -103,6 +119,15 @@ class Predictor:
 
         ``calibrated`` applies the stored temperature (default True); ``tta`` averages the image and its
         mirror (default False)."""
+        probs, errors, _ = self.predict_scores(inputs, calibrated, tta, open_set=False)
+        return probs, errors
+
+    def predict_scores(self, inputs: Sequence[ImageInput], calibrated: bool = True, tta: bool = False,
+                       open_set: bool = True) -> tuple[np.ndarray, list[str | None], np.ndarray | None]:
+        """:meth:`predict_proba` plus the open-set score of each input (``None`` when the model has no
+        open-set scorer, the engine is ONNX, or ``open_set`` is False)."""
+        want = open_set and self.openset is not None and self.engine == "torch"
+        scores = np.full(len(inputs), np.nan) if want else None
         probs = np.full((len(inputs), len(self.classes)), np.nan)
         errors: list[str | None] = [None] * len(inputs)
         temperature = self.temperature if calibrated else 1.0
@@ -126,7 +151,9 @@ class Predictor:
                     errors[todo[j]] = reason
                 if len(idx):
                     rows = [todo[j] for j in idx.tolist()]
-                    probs[rows] = self._probs(x, temperature, tta)
+                    probs[rows], sc = self._run(x, temperature, tta, want)
+                    if sc is not None:
+                        scores[rows] = sc
         if mem_idx:
             tensors = []
             for i in mem_idx:
@@ -139,14 +166,31 @@ class Predictor:
                 tensors.append(self.transform(to_rgb(img)))
             for s in range(0, len(tensors), self.batch_size):
                 rows = mem_idx[s:s + self.batch_size]
-                probs[rows] = self._probs(torch.stack(tensors[s:s + self.batch_size]), temperature, tta)
-        return probs, errors
+                probs[rows], sc = self._run(torch.stack(tensors[s:s + self.batch_size]), temperature, tta, want)
+                if sc is not None:
+                    scores[rows] = sc
+        return probs, errors, scores
+
+    def _run(self, batch: torch.Tensor, temperature: float, tta: bool,
+             scores: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._batch(batch, temperature, tta, True) if scores else (self._probs(batch, temperature, tta), None)
 
     def predict(self, inputs: Sequence[ImageInput], top_k: int = 5, threshold: float | None = None,
-                calibrated: bool = True, tta: bool = False) -> list[Prediction]:
+                calibrated: bool = True, tta: bool = False, open_set: bool = False) -> list[Prediction]:
         """Top-k predictions per input; with ``threshold``, a top probability below it is labelled
-        ``unknown`` (the top-k list is kept)."""
-        probs, errors = self.predict_proba(inputs, calibrated=calibrated, tta=tta)
+        ``unknown`` (the top-k list is kept). With ``open_set``, an image whose features lie beyond the
+        model's open-set threshold is ``unknown`` too, and each prediction carries its ``ood_score``.
+
+        Raises:
+            ConfigError: ``open_set`` on a model without an open-set scorer or on the ONNX engine."""
+        if open_set and (self.openset is None or self.engine != "torch"):
+            from .errors import ConfigError
+
+            why = "the ONNX engine has no features to score (use --engine torch)" if self.engine != "torch" else \
+                "this model has no open-set scorer (train it again; it needs a validation split and a backbone " \
+                "that was not fine-tuned)"
+            raise ConfigError(f"--open-set: {why}.")
+        probs, errors, scores = self.predict_scores(inputs, calibrated, tta, open_set)
         k = max(1, min(top_k, len(self.classes)))
         out = []
         for i, x in enumerate(inputs):
@@ -159,7 +203,10 @@ class Predictor:
             label = top[0]["label"]
             if threshold is not None and top[0]["probability"] < threshold:
                 label = "unknown"
-            out.append(Prediction(src, label, top[0]["probability"], top))
+            ood = float(scores[i]) if scores is not None else None
+            if ood is not None and ood > self.openset.threshold:
+                label = "unknown"
+            out.append(Prediction(src, label, top[0]["probability"], top, ood_score=ood))
         return out
 
 
@@ -220,7 +267,9 @@ def load_model(path: str | os.PathLike[str], device: str | None = None, mixed_pr
         if exported is not None and (engine == "onnx" or onnx_pays(device, mixed_precision)):
             return OnnxPredictor(exported)
     model, cfg = load_artifact(path)
-    return Predictor(model, cfg, device=device, mixed_precision=mixed_precision, keep_memory=keep_memory)
+    predictor = Predictor(model, cfg, device=device, mixed_precision=mixed_precision, keep_memory=keep_memory)
+    predictor.openset = load_openset(cfg)
+    return predictor
 
 
 class OnnxPredictor(Predictor):

@@ -15,7 +15,7 @@ import logging
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..data.images import decode, peek_size
-from ..errors import ImageError, ImageTooLargeError
+from ..errors import ConfigError, ImageError, ImageTooLargeError
 from ..predict import load_model
 from .batcher import Batcher, QueueFull
 
@@ -84,16 +84,26 @@ def _same_origin(origin: str, host: str) -> bool:
 
 def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
-               top_k: int = 5, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None) -> FastAPI:
+               top_k: int = 5, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
+               open_set: bool = False) -> FastAPI:
     """The FastAPI app serving one model (an artifact directory or an exported ``.onnx`` file).
 
     ``max_pixels`` bounds each image and ``max_request_pixels`` all the images of one request;
     ``max_queue`` bounds the images waiting for the model (more: 503 with ``Retry-After``). With
     ``api_key``, every endpoint but ``/health`` needs ``Authorization: Bearer <api_key>``. Requests a
-    browser sends from another site's page (an ``Origin`` that is not this host) are refused (403).
+    browser sends from another site's page (an ``Origin`` that is not this host) are refused (403). With
+    ``open_set``, an image unlike every class is labelled ``unknown`` and each result has its ``ood_score``.
     """
-    predictor = load_model(model_path, keep_memory=False)
-    batcher = Batcher(lambda imgs: predictor.predict_proba(list(imgs))[0], max_batch=max_batch, max_queue=max_queue)
+    predictor = load_model(model_path, keep_memory=False, engine="torch" if open_set else "auto")
+    if open_set and predictor.openset is None:
+        raise ConfigError(f"--open-set: '{model_path}' has no open-set scorer (train it again; it needs a "
+                          "validation split and a backbone that was not fine-tuned).")
+
+    def predict_fn(imgs: Sequence[Any]) -> np.ndarray:  # probabilities, and the open-set score as a last column
+        probs, _, scores = predictor.predict_scores(list(imgs), open_set=open_set)
+        return probs if scores is None else np.hstack([probs, scores[:, None]])
+
+    batcher = Batcher(predict_fn, max_batch=max_batch, max_queue=max_queue)
     app = FastAPI(title="transferlab", version="1", description="Image classification with a transferlab model.")
     app.state.predictor = predictor
 
@@ -159,11 +169,16 @@ def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
                                 headers={"Retry-After": "1"})
         k = max(1, min(top_k, len(predictor.classes)))
         results = []
-        for (name, _), p in zip(uploads, probs):
+        for (name, _), row in zip(uploads, probs):
+            p = row[:len(predictor.classes)]
             order = np.argsort(-p)[:k]
             results.append({"filename": name, "label": predictor.classes[order[0]], "probability": float(p[order[0]]),
                             "predictions": [{"label": predictor.classes[j], "index": int(j), "probability": float(p[j])}
                                             for j in order]})
+            if open_set:
+                results[-1]["ood_score"] = float(row[-1])
+                if row[-1] > predictor.openset.threshold:
+                    results[-1]["label"] = "unknown"
         return {"results": results, **results[0]} if len(results) == 1 else {"results": results}
 
     return app
@@ -200,7 +215,8 @@ def app_from_env() -> FastAPI:
     return create_app(os.environ["TRANSFERLAB_SERVE_MODEL"],
                       max_bytes=int(os.environ.get("TRANSFERLAB_SERVE_MAX_BYTES", DEFAULT_MAX_BYTES)),
                       max_pixels=int(os.environ.get("TRANSFERLAB_SERVE_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
-                      api_key=os.environ.get("TRANSFERLAB_API_KEY") or None)
+                      api_key=os.environ.get("TRANSFERLAB_API_KEY") or None,
+                      open_set=os.environ.get("TRANSFERLAB_SERVE_OPEN_SET") == "1")
 
 
 def is_loopback(host: str) -> bool:
@@ -214,7 +230,8 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(model_path: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, api_key: str | None = None) -> None:
+          max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, api_key: str | None = None,
+          open_set: bool = False) -> None:
     """Run the service with uvicorn (blocking). Binding beyond loopback without ``api_key`` warns."""
     import uvicorn
 
@@ -225,6 +242,7 @@ def serve(model_path: str | os.PathLike[str], host: str = "127.0.0.1", port: int
     os.environ["TRANSFERLAB_SERVE_MODEL"] = str(Path(model_path).resolve())
     os.environ["TRANSFERLAB_SERVE_MAX_BYTES"] = str(max_bytes)
     os.environ["TRANSFERLAB_SERVE_MAX_PIXELS"] = str(max_pixels)
+    os.environ["TRANSFERLAB_SERVE_OPEN_SET"] = "1" if open_set else "0"
     if api_key:
         os.environ["TRANSFERLAB_API_KEY"] = api_key
     uvicorn.run("transferlab.service.app:app_from_env", factory=True, host=host, port=port, workers=workers,
