@@ -173,7 +173,7 @@ def load_artifact(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str, A
         backbone, _ = create_backbone(bb.get("timm_name") or bb["name"], pretrained=False,
                                       cut_stage=bb.get("cut_stage"), image_size=pre.size)
         head = build_head(int(head_cfg["in_features"]), len(cfg["classes"]), head_cfg.get("hidden", []),
-                          float(head_cfg.get("dropout", 0.0)))
+                          float(head_cfg.get("dropout", 0.0)), normalize=bool(head_cfg.get("normalize", False)))
     except TransferlabError as exc:
         raise ArtifactError(f"cannot rebuild the architecture of '{root}': {exc}") from None
     model = Classifier(backbone, head, pre)

@@ -36,7 +36,7 @@ from .errors import ArtifactError, ConfigError, DataError
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor
 from .training.head import HeadConfig, fit_probe
-from .training.prototypes import prototype_row
+from .training.prototypes import prototype_row, unit_rows
 
 __all__ = ["ClassChange", "add_class", "remove_class"]
 
@@ -132,8 +132,7 @@ def add_class(model_dir: str | os.PathLike[str], folder: str | os.PathLike[str],
         raise DataError(f"no image in '{folder}' could be read.")
     if kind == "prototypes":
         std = model.head[0]
-        z = (feats - std.mean.numpy()) / float(std.scale)
-        w, b = prototype_row(z, float(cfg["head"]["scale"]))
+        w, b = prototype_row(unit_rows(feats, std.mean.numpy(), float(std.scale)), float(cfg["head"]["scale"]))
         last = model.head[-1]
         _set_last_layer(model, np.vstack([last.weight.detach().numpy(), w[None]]),
                         np.append(last.bias.detach().numpy(), b))

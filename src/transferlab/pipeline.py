@@ -222,7 +222,7 @@ def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skippe
         if cfg.head:
             raise ConfigError("--mode knn is a nearest-prototype model: it takes no --head widths.")
         proto, scale = fit_prototypes(xtr, ytr, xva, yva, n_classes)
-        result, head_kind = HeadResult(proto), {"kind": "prototypes", "scale": scale}
+        result, head_kind = HeadResult(proto), {"kind": "prototypes", "scale": scale, "normalize": True}
     elif cfg.head:
         result = fit_head(xtr, ytr, xva, yva, n_classes, head_cfg, log_dir=run / "logs", history=history)
     else:

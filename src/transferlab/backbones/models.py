@@ -127,15 +127,24 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.scale
 
 
+class L2Normalize(nn.Module):
+    """Scale each feature vector to unit length (the nearest-prototype head's cosine geometry)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=-1)
+
+
 def build_head(in_features: int, num_classes: int, hidden: Sequence[int] = (), dropout: float = 0.0,
-               standardize: bool = True) -> nn.Sequential:
+               standardize: bool = True, normalize: bool = False) -> nn.Sequential:
     """A linear head, or an MLP with ``hidden`` widths (ReLU, dropout after each hidden layer), after a
-    fixed :class:`Standardize` layer (default on).
+    fixed :class:`Standardize` layer (default on) and, with ``normalize``, :class:`L2Normalize`.
 
     Example:
         >>> build_head(1280, 10, hidden=(1024, 1024), dropout=0.5)  # doctest: +SKIP
     """
     layers: list[nn.Module] = [Standardize(in_features)] if standardize else []
+    if normalize:
+        layers.append(L2Normalize())
     cin = in_features
     for width in hidden:
         layers += [nn.Linear(cin, int(width)), nn.ReLU(inplace=True)]
