@@ -35,6 +35,7 @@ from .data.transforms import Preprocessing
 from .errors import ArtifactError, ConfigError, DataError
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor
+from .predict import expand_paths
 from .training.head import HeadConfig, fit_probe
 from .training.prototypes import prototype_row, unit_rows
 
@@ -104,8 +105,7 @@ def _save(model_dir: Path, model: Classifier, cfg: dict[str, Any], classes: list
 def _image_files(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise DataError(f"no such folder: '{folder}'. Give a folder of images of the new class.")
-    files = sorted(str(p.resolve()) for p in folder.rglob("*") if p.is_file() and is_image_path(p)
-                   and not p.name.startswith("."))
+    files = [str(Path(p).resolve()) for p in expand_paths([folder]) if is_image_path(p)]
     if not files:
         raise DataError(f"'{folder}' holds no image files (JPEG, PNG, GIF, BMP, WebP, TIFF).")
     return files

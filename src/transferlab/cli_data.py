@@ -19,13 +19,21 @@ import_app = typer.Typer(no_args_is_help=True, help="Import datasets as class fo
 data_app.add_typer(import_app, name="import")
 
 
+# options the commands that read a dataset's features share
+_DATA = typer.Argument(..., help="Labelled folder or manifest.")
+_BACKBONE = typer.Option("efficientnet_lite0", "--backbone", "-b")
+_SEED = typer.Option(0, "--seed")
+_CACHE_DIR = typer.Option(None, "--cache-dir")
+_QUIET = typer.Option(False, "--quiet", "-q")
+_JSON = typer.Option(False, "--json")
+
+
 @data_app.command("check")
-def data_check(data: Path = typer.Argument(..., help="Labelled folder or manifest."),
+def data_check(data: Path = _DATA,
                near: bool = typer.Option(True, "--near/--no-near", help="Near-duplicates from backbone features."),
                threshold: float = typer.Option(0.97, "--threshold", help="Cosine similarity for near-duplicates."),
-               backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
-               cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
-               quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
+               backbone: str = _BACKBONE, cache_dir: Optional[Path] = _CACHE_DIR, quiet: bool = _QUIET,
+               as_json: bool = _JSON) -> None:
     """Audit a dataset: counts, unreadable and converted files, duplicates, leakage, imbalance."""
     from .tools import check_dataset
 
@@ -58,13 +66,13 @@ def data_check(data: Path = typer.Argument(..., help="Labelled folder or manifes
 
 
 @data_app.command("issues")
-def data_issues_cmd(data: Path = typer.Argument(..., help="Labelled folder or manifest."),
+def data_issues_cmd(data: Path = _DATA,
                     out_dir: Path = typer.Option(Path("."), "--out", help="Folder for label_issues.csv and .html."),
-                    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+                    backbone: str = _BACKBONE,
                     folds: int = typer.Option(5, "--folds", help="Cross-validation folds for out-of-sample probabilities."),
-                    seed: int = typer.Option(0, "--seed"), cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
+                    seed: int = _SEED, cache_dir: Optional[Path] = _CACHE_DIR,
                     top: int = typer.Option(20, "--top", help="Rows to print."),
-                    quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
+                    quiet: bool = _QUIET, as_json: bool = _JSON) -> None:
     """Find probable label errors, outliers and conflicting near-duplicates (cached features, seconds)."""
     from .diagnostics import data_issues
 
@@ -88,12 +96,12 @@ def data_issues_cmd(data: Path = typer.Argument(..., help="Labelled folder or ma
 
 
 @data_app.command("curve")
-def data_curve_cmd(data: Path = typer.Argument(..., help="Labelled folder or manifest."),
+def data_curve_cmd(data: Path = _DATA,
                    out_dir: Path = typer.Option(Path("."), "--out", help="Folder for learning_curve.png and .json."),
-                   backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+                   backbone: str = _BACKBONE,
                    seeds: int = typer.Option(3, "--seeds", help="Random subsets per training share."),
-                   seed: int = typer.Option(0, "--seed"), cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
-                   quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
+                   seed: int = _SEED, cache_dir: Optional[Path] = _CACHE_DIR, quiet: bool = _QUIET,
+                   as_json: bool = _JSON) -> None:
     """Do I need more data? Head accuracy against 10-100% of the training split, projected to 2x and 4x."""
     from .diagnostics import data_curve
 

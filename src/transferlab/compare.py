@@ -19,6 +19,7 @@ from .data.split import split_dataset, write_split_csv
 from .errors import TransferlabError
 from .evaluation.plots import scatter_png
 from .evaluation.report import data_uri
+from .evaluation.diff import read_predictions
 from .evaluation.stats import mcnemar
 
 __all__ = ["compare", "COMPARE_FIELDS"]
@@ -88,8 +89,7 @@ def compare(data: str | os.PathLike[str], backbones: Sequence[str], out: str | o
 
 def _correct_by_path(run: Path) -> dict[str, bool]:
     """Whether each test image was predicted right, from a run's ``predictions.csv``."""
-    with open(run / "predictions.csv", newline="", encoding="utf-8") as f:
-        return {r["path"]: r["true_label"] == r["predicted_label"] for r in csv.DictReader(f)}
+    return {path: r["pred"] == r["true"] for path, r in read_predictions(run).items()}
 
 
 def _paired_tests(out: Path, rows: list[dict[str, Any]]) -> None:

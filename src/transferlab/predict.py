@@ -101,9 +101,6 @@ class Predictor:
         """Logits (float32) of a uint8 NCHW batch."""
         return self._forward(batch)[0]
 
-    def _probs(self, batch: torch.Tensor, temperature: float, tta: bool) -> np.ndarray:
-        return self._batch(batch, temperature, tta, False)[0]
-
     def _batch(self, batch: torch.Tensor, temperature: float, tta: bool,
                scores: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities of a batch and, with ``scores``, its open-set scores (of the image, not the mirror)."""
@@ -151,7 +148,7 @@ class Predictor:
                     errors[todo[j]] = reason
                 if len(idx):
                     rows = [todo[j] for j in idx.tolist()]
-                    probs[rows], sc = self._run(x, temperature, tta, want)
+                    probs[rows], sc = self._batch(x, temperature, tta, want)
                     if sc is not None:
                         scores[rows] = sc
         if mem_idx:
@@ -166,14 +163,10 @@ class Predictor:
                 tensors.append(self.transform(to_rgb(img)))
             for s in range(0, len(tensors), self.batch_size):
                 rows = mem_idx[s:s + self.batch_size]
-                probs[rows], sc = self._run(torch.stack(tensors[s:s + self.batch_size]), temperature, tta, want)
+                probs[rows], sc = self._batch(torch.stack(tensors[s:s + self.batch_size]), temperature, tta, want)
                 if sc is not None:
                     scores[rows] = sc
         return probs, errors, scores
-
-    def _run(self, batch: torch.Tensor, temperature: float, tta: bool,
-             scores: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        return self._batch(batch, temperature, tta, True) if scores else (self._probs(batch, temperature, tta), None)
 
     def predict(self, inputs: Sequence[ImageInput], top_k: int = 5, threshold: float | None = None,
                 calibrated: bool = True, tta: bool = False, open_set: bool = False) -> list[Prediction]:
@@ -302,7 +295,9 @@ class OnnxPredictor(Predictor):
         self.transform = EvalTransform(self.preprocessing)
         self.model = None
 
-    def _probs(self, batch: torch.Tensor, temperature: float, tta: bool) -> np.ndarray:
+    def _batch(self, batch: torch.Tensor, temperature: float, tta: bool,
+               scores: bool = False) -> tuple[np.ndarray, None]:
+        """Probabilities of a batch; the exported graph has no feature output, so no open-set scores."""
         def run(x: torch.Tensor) -> np.ndarray:
             p = self.session.run(None, {"pixels": x.contiguous().numpy()})[0].astype(np.float64)
             if temperature != self.baked_temperature:
@@ -310,4 +305,4 @@ class OnnxPredictor(Predictor):
             return p
 
         p = run(batch)
-        return (p + run(batch.flip(-1))) / 2 if tta else p
+        return ((p + run(batch.flip(-1))) / 2 if tta else p), None

@@ -20,7 +20,7 @@ import numpy as np
 from .._io import write_json, write_text
 from ..errors import DataError
 from .pages import thumbnail_page
-from .stats import mcnemar, paired_difference_interval, wilson_interval
+from .stats import as_list as _ci, mcnemar, paired_difference_interval, wilson_interval
 
 __all__ = ["RunDiff", "diff_runs", "read_predictions", "write_diff"]
 
@@ -60,10 +60,6 @@ def read_predictions(run: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
         raise DataError(f"{path}: expected the columns path,true_label,predicted_label,probability.")
     return {r["path"]: {"true": r["true_label"], "pred": r["predicted_label"], "prob": float(r["probability"])}
             for r in rows}
-
-
-def _ci(interval: tuple[float, float] | None) -> list[float] | None:
-    return None if interval is None else [round(interval[0], 6), round(interval[1], 6)]
 
 
 def diff_runs(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str]) -> RunDiff:

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from .stats import bootstrap_f1, wilson_interval
+from .stats import as_list as _ci, bootstrap_f1, wilson_interval
 
 __all__ = ["classification_metrics", "top_k_accuracy", "most_confused", "softmax"]
 
@@ -66,9 +66,6 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, labels: Seq
                         "f1": "percentile bootstrap over the images (1000 resamples)"}
     return out
 
-
-def _ci(interval: tuple[float, float] | None) -> list[float] | None:
-    return None if interval is None else [round(float(interval[0]), 6), round(float(interval[1]), 6)]
 
 
 def most_confused(cm: Sequence[Sequence[int]], labels: Sequence[str], n: int = 5) -> list[tuple[str, str, int]]:

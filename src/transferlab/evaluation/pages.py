@@ -14,19 +14,16 @@ from typing import Sequence
 from PIL import Image
 
 from .interpret import load_display
+from .report import REPORT_CSS
 
 __all__ = ["thumbnail_uri", "thumbnail_page", "PAGE_CSS"]
 
-PAGE_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
-main{max-width:1200px;margin:0 auto;padding:24px}h2{border-bottom:1px solid #dde1e7;padding-bottom:4px}
-.sub{color:#5b6475}.tiles{display:flex;flex-wrap:wrap;gap:10px}
+#: The report's style plus the thumbnail tiles.
+PAGE_CSS = REPORT_CSS + """
+.tiles{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:6px;width:150px}
 figure img{width:138px;height:138px;object-fit:contain;background:#eee;display:block}
 figcaption{font-size:12px;line-height:1.35;word-break:break-all}
-table{border-collapse:collapse;background:#fff}th,td{border:1px solid #dde1e7;padding:4px 10px;text-align:right}
-th{background:#eef1f5}td:first-child,th:first-child{text-align:left}
-.warn{background:#fff4e5;border:1px solid #f0b35b;padding:8px 12px;border-radius:6px}
 """
 
 

@@ -10,9 +10,9 @@ from typing import Any, Sequence
 from .metrics import most_confused
 from .stats import too_small_warning
 
-__all__ = ["render_report", "data_uri"]
+__all__ = ["render_report", "data_uri", "REPORT_CSS"]
 
-_CSS = """
+REPORT_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
 main{max-width:1100px;margin:0 auto;padding:24px}
 h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:1px solid #dde1e7;padding-bottom:4px}
@@ -83,7 +83,7 @@ def render_report(*, title: str, metrics: dict[str, Any], images: dict[str, byte
             cards.append(f'<div class="card">{html.escape(label)}<b>{_fmt(value, 3)}</b>{span}</div>')
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<meta name='viewport' content='width=device-width,initial-scale=1'>",
-             f"<style>{_CSS}</style></head><body><main>",
+             f"<style>{REPORT_CSS}</style></head><body><main>",
              f"<h1>{html.escape(title)}</h1><p class='sub'>transferlab report</p>",
              f"<div class='cards'>{''.join(cards)}</div>"]
     for w in warnings:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Z95", "wilson_interval", "bootstrap_f1", "mcnemar", "accuracy_margin", "too_small_warning",
+__all__ = ["Z95", "wilson_interval", "as_list", "bootstrap_f1", "mcnemar", "accuracy_margin", "too_small_warning",
            "paired_difference_interval", "N_BOOT"]
 
 #: Two-sided 95% normal quantile.
@@ -37,6 +37,11 @@ def wilson_interval(k: int | float, n: int, z: float = Z95) -> tuple[float, floa
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     return (0.0 if k <= 0 else max(0.0, centre - half)), (1.0 if k >= n else min(1.0, centre + half))
+
+
+def as_list(interval: tuple[float, float] | None, digits: int = 6) -> list[float] | None:
+    """An interval as a JSON-ready ``[low, high]`` (``None`` stays ``None``)."""
+    return None if interval is None else [round(float(interval[0]), digits), round(float(interval[1]), digits)]
 
 
 def _f1_from_confusion(cm: np.ndarray) -> np.ndarray:
