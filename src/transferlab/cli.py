@@ -49,6 +49,11 @@ def demo(out_dir: Path = typer.Option(Path("transferlab-demo"), "--out", help="F
 def _summary(run_dir: Path, metrics: dict[str, Any]) -> None:
     test = metrics.get("test") or metrics.get("val") or {}
     timing = metrics.get("timing", {})
+    if test.get("task") == "multilabel":
+        out.print(f"[bold green]done[/]: test mAP {test.get('mAP') or 0:.4f}, micro-F1 {test.get('micro_f1'):.4f}, "
+                  f"macro-F1 {test.get('macro_f1') or 0:.4f} in {timing.get('total_s', 0):.1f}s -> "
+                  f"{esc(str(run_dir))}/ (open {esc(str(run_dir))}/report.html)")
+        return
     acc, ci = test.get("accuracy"), test.get("accuracy_ci")
     acc_s = f"{acc:.4f}" if acc is not None else "n/a"
     if acc is not None and ci:
@@ -121,6 +126,9 @@ def train_cmd(
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
     mode: str = typer.Option("auto", "--mode", help="head (cached features), knn (nearest class prototype, no "
                              "training), finetune (end to end) or auto (head, then fine-tune)."),
+    task: str = typer.Option("auto", "--task", help="auto (from the data), single or multilabel (any number of "
+                             "labels per image: a manifest's labels separated by ';', or one image in several "
+                             "class folders)."),
     head: Optional[str] = typer.Option(None, "--head", help="MLP head widths, e.g. 1024,1024 (default linear)."),
     dropout: float = typer.Option(0.0, "--dropout"),
     epochs: int = typer.Option(100, "--epochs", help="Head phase: at most; early stopping ends sooner."),
@@ -181,7 +189,7 @@ def train_cmd(
                    cache_dir=str(cache_dir) if cache_dir else None, no_cache=no_cache, workers=workers,
                    device=device, accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
                    mixed_precision=not no_amp, quiet=quiet or as_json, dedupe=dedupe,
-                   diagnose=diagnose)
+                   diagnose=diagnose, task=task)
     if resume is not None:
         overrides = {"quiet": quiet or as_json}
         if time_limit is not None:
@@ -221,7 +229,9 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
             paths: list[Path] = typer.Argument(..., help="Image files or folders."),
             top_k: int = typer.Option(3, "--top-k", "-k"),
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write .csv or .json."),
-            threshold: Optional[float] = typer.Option(None, "--threshold", help="Label 'unknown' below this top probability."),
+            threshold: Optional[float] = typer.Option(None, "--threshold", help="Label 'unknown' below this top "
+                                                      "probability; multi-label: every label's threshold (default: "
+                                                      "each label's, tuned on validation)."),
             tta: bool = typer.Option(False, "--tta", help="Average the image and its mirror."),
             open_set: bool = typer.Option(False, "--open-set", help="Label 'unknown' the images unlike every "
                                           "class (distance to the training images; calibrated to accept 95% of "
@@ -251,7 +261,8 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
         if r.error:
             table.add_row(esc(str(r.source)), "[red]error[/]", "", esc(str(r.error)))
         else:
-            table.add_row(esc(str(r.source)), esc(str(r.label)), f"{r.probability:.3f}",
+            label = "(no label)" if r.labels == [] else r.label
+            table.add_row(esc(str(r.source)), esc(str(label)), f"{r.probability:.3f}",
                           esc(", ".join(f"{t['label']} {t['probability']:.2f}" for t in r.top_k)))
     out.print(table)
     n_err = sum(1 for r in results if r.error)
@@ -431,7 +442,8 @@ def export_cmd(model: Path = typer.Argument(..., help="Model directory."),
         print_json(check)
         return
     figures = (describe_int8(check["test"]) if check.get("int8") else
-               f"max |p - p_torch| = {check['max_abs_diff']:.2e}, top-1 agreement {100 * check['top1_agreement']:.1f}%")
+               f"max |p - p_torch| = {check['max_abs_diff']:.2e}, agreement of {check.get('agreement_of', 'the top-1 class')} "
+               f"{100 * check['top1_agreement']:.1f}%")
     out.print(f"[bold green]exported[/] {esc(str(check['file']))} ({check['bytes'] / 1e6:.1f} MB), checked on "
               f"{check['checked_on']}: {figures} ({check['criterion']}: passed)")
     if "precision" in check:

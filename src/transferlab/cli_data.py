@@ -159,7 +159,7 @@ def data_split(data: Path = typer.Argument(...), out_path: Path = typer.Option(P
     from .data.split import split_dataset, write_split_csv
 
     ds = split_dataset(scan_data(data), val, test, seed)
-    write_split_csv(ds.samples, out_path)
+    write_split_csv(ds.samples, out_path, ds.task)
     n = {s: sum(1 for x in ds.samples if x.split == s) for s in ("train", "val", "test")}
     out.print(f"wrote {esc(str(out_path))}: {n['train']} train, {n['val']} val, {n['test']} test; {len(ds.skipped)} skipped")
 

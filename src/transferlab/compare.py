@@ -26,7 +26,7 @@ __all__ = ["compare", "COMPARE_FIELDS"]
 
 log = logging.getLogger("transferlab")
 
-COMPARE_FIELDS = ("backbone", "status", "accuracy", "accuracy_ci", "p_vs_best", "macro_f1", "train_s", "latency_ms",
+COMPARE_FIELDS = ("backbone", "status", "accuracy", "accuracy_ci", "p_vs_best", "macro_f1", "mAP", "train_s", "latency_ms",
                   "params_m", "artifact_mb", "mode", "reason")
 
 
@@ -56,9 +56,9 @@ def compare(data: str | os.PathLike[str], backbones: Sequence[str], out: str | o
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = split_dataset(scan(data), seed=seed)
+    ds = split_dataset(scan(data, task=train_options.get("task", "auto")), seed=seed)
     manifest = out / "split.csv"
-    write_split_csv(ds.samples, manifest)
+    write_split_csv(ds.samples, manifest, ds.task)
     sample_image = next(s.path for s in ds.samples if s.split == "test") if any(
         s.split == "test" for s in ds.samples) else ds.samples[0].path
     rows: list[dict[str, Any]] = []
@@ -72,7 +72,7 @@ def compare(data: str | os.PathLike[str], backbones: Sequence[str], out: str | o
             test = res.metrics.get("test") or {}
             params = sum(int(np.prod(s)) for s in _shapes(res.model_dir))
             ci = test.get("accuracy_ci")
-            row.update(status="ok", accuracy=test.get("accuracy"), macro_f1=test.get("macro_f1"),
+            row.update(status="ok", accuracy=test.get("accuracy"), macro_f1=test.get("macro_f1"), mAP=test.get("mAP"),
                        accuracy_ci=f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
                        train_s=round(res.metrics["timing"]["total_s"], 2),
                        latency_ms=round(_latency_ms(res.model_dir, sample_image), 2), params_m=round(params / 1e6, 3),
@@ -110,6 +110,11 @@ def _paired_tests(out: Path, rows: list[dict[str, Any]]) -> None:
         r["p_vs_best"] = round(mcnemar([ref[p] for p in common], [mine[p] for p in common])["p_value"], 6)
 
 
+def _score(row: dict[str, Any]) -> float:
+    """What ranks a model: test accuracy, or mAP for a multi-label model (which has no accuracy)."""
+    return row.get("accuracy") if row.get("accuracy") is not None else (row.get("mAP") or 0.0)
+
+
 def _shapes(model_dir: Path) -> list[tuple[int, ...]]:
     from safetensors import safe_open
 
@@ -123,7 +128,7 @@ def _write(out: Path, rows: list[dict[str, Any]], data: Any) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(COMPARE_FIELDS), lineterminator="\n")
     w.writeheader()
-    ok = sorted([r for r in rows if r["status"] == "ok"], key=lambda r: -(r["accuracy"] or 0))
+    ok = sorted([r for r in rows if r["status"] == "ok"], key=lambda r: -_score(r))
     for r in ok + [r for r in rows if r["status"] != "ok"]:
         w.writerow({k: r.get(k, "") for k in COMPARE_FIELDS})
     write_text(out / "compare.csv", buf.getvalue())
@@ -134,12 +139,13 @@ def _write(out: Path, rows: list[dict[str, Any]], data: Any) -> None:
         for k in COMPARE_FIELDS:
             v = r.get(k)
             v = ("best" if k == "p_vs_best" and r.get("status") == "ok" else "") if v is None else v
-            cells.append(f"<td>{html.escape(f'{v:.4f}' if isinstance(v, float) and k in ('accuracy', 'macro_f1') else str(v))}</td>")
+            cells.append(f"<td>{html.escape(f'{v:.4f}' if isinstance(v, float) and k in ('accuracy', 'macro_f1', 'mAP') else str(v))}</td>")
         body += "<tr>" + "".join(cells) + "</tr>"
     plot = ""
     if ok:
-        png = scatter_png([(r["backbone"], r["latency_ms"], r["accuracy"]) for r in ok],
-                          "CPU latency per image (ms, median)", "test accuracy", "accuracy vs latency")
+        metric = "test accuracy" if any(r.get("accuracy") is not None for r in ok) else "test mAP"
+        png = scatter_png([(r["backbone"], r["latency_ms"], _score(r)) for r in ok],
+                          "CPU latency per image (ms, median)", metric, f"{metric.split()[-1]} vs latency")
         plot = f"<img alt='accuracy versus latency' src='{data_uri(png)}'>"
     page = ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>transferlab compare</title>"
             "<style>body{font-family:system-ui,sans-serif;margin:24px;color:#1d2330}table{border-collapse:collapse}"

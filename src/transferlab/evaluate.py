@@ -23,13 +23,17 @@ def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], out: s
     """Evaluate a saved model on a labelled folder (every image, or only ``split`` of a pre-split one)
     and write metrics.json, plots, predictions.csv and report.html into ``out``."""
     predictor = load_model(model, engine="torch")  # the report needs the network (Grad-CAM)
-    ds = scan(data)
+    ds = scan(data, task="multilabel" if predictor.multilabel else "single")
     samples = [s for s in ds.samples if split is None or s.split == split]
+    predictor.workers = default_workers() if workers is None else workers
+    if predictor.multilabel:
+        from .multilabel import evaluate_multilabel
+
+        return evaluate_multilabel(predictor, ds, samples, model, data, Path(out))
     unknown = sorted({s.label for s in samples} - set(predictor.classes))
     if unknown:
         raise DataError(f"class(es) {', '.join(map(repr, unknown))} in '{data}' are not classes of this model "
                         f"({', '.join(predictor.classes)}).")
-    predictor.workers = default_workers() if workers is None else workers
     t0 = time.perf_counter()
     probs, errors = predictor.predict_proba([s.path for s in samples])
     skipped = list(ds.skipped) + [Skipped(s.path, e) for s, e in zip(samples, errors) if e]

@@ -44,23 +44,33 @@ INT8_CONFIDENT_MARGIN = 0.2
 
 
 class ProbabilityModel(nn.Module):
-    """uint8 NCHW pixels -> calibrated class probabilities (what an exported file computes)."""
+    """uint8 NCHW pixels -> calibrated class probabilities (what an exported file computes); with
+    ``multilabel``, one independent sigmoid probability per label."""
 
-    def __init__(self, classifier: nn.Module, temperature: float) -> None:
+    def __init__(self, classifier: nn.Module, temperature: float, multilabel: bool = False) -> None:
         super().__init__()
         self.classifier = classifier
         self.temperature = float(temperature)
+        self.multilabel = multilabel
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier(pixels) / self.temperature, dim=-1)
+        logits = self.classifier(pixels)
+        if self.multilabel:
+            return torch.sigmoid(logits)
+        return torch.softmax(logits / self.temperature, dim=-1)
 
 
 def _metadata(cfg: dict[str, Any]) -> dict[str, str]:
-    return {"transferlab_format": "transferlab-export", "classes": json.dumps(cfg["classes"]),
+    meta = {"transferlab_format": "transferlab-export", "classes": json.dumps(cfg["classes"]),
             "preprocessing": json.dumps(cfg["preprocessing"]), "backbone": json.dumps(cfg["backbone"]),
             "calibration": json.dumps(cfg.get("calibration") or {"temperature": 1.0}),
             "input": "uint8 RGB pixels, NCHW, resized and centre-cropped as 'preprocessing' says",
             "output": "class probabilities in the order of 'classes'"}
+    if cfg.get("task") == "multilabel":
+        meta.update(task=json.dumps("multilabel"), thresholds=json.dumps(cfg["thresholds"]),
+                    output="one sigmoid probability per label in the order of 'classes'; a label is on at or "
+                           "above its entry of 'thresholds'")
+    return meta
 
 
 def _split_rows(cfg: dict[str, Any], split: str, limit: int) -> list[tuple[str, str]]:
@@ -134,8 +144,12 @@ def export_model(model: str | os.PathLike[str], fmt: str = "onnx", out: str | os
     if int8 and fmt != "onnx":
         raise ConfigError("--int8 applies to the ONNX format only.")
     classifier, cfg = load_artifact(model)
+    multilabel = cfg.get("task") == "multilabel"
+    if int8 and multilabel:
+        raise ConfigError("--int8 is checked by top-1 accuracy, which a multi-label model does not have; export "
+                          "it in fp32 (without --int8).")
     temperature = float((cfg.get("calibration") or {}).get("temperature", 1.0))
-    net = ProbabilityModel(classifier.float().eval(), temperature).eval()
+    net = ProbabilityModel(classifier.float().eval(), temperature, multilabel).eval()
     transform = EvalTransform(classifier.preprocessing)
     suffix = {"onnx": ".int8.onnx" if int8 else ".onnx", "torchscript": ".torchscript.pt"}[fmt]
     out_path = Path(out) if out else Path(cfg["_dir"]) / f"model{suffix}"
@@ -159,10 +173,15 @@ def export_model(model: str | os.PathLike[str], fmt: str = "onnx", out: str | os
                                   f"(on {val_source}: {describe_int8(mixed['val'])})")
         got = _run_onnx(out_path, x_check)
     diff = float(np.abs(got - reference).max())
-    agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
+    if multilabel:  # every label's decision at its threshold
+        cut = np.asarray(cfg["thresholds"])
+        agreement = float(np.mean(((got >= cut) == (reference >= cut)).all(1)))
+    else:
+        agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
     check = {"format": fmt, "int8": int8, "file": str(out_path), "bytes": out_path.stat().st_size,
              "sha256": file_digest(out_path), "checked_on": check_source, "weights_sha256": cfg.get("weights_sha256"),
              "max_abs_diff": diff, "top1_agreement": agreement,
+             "agreement_of": "the label decisions at their thresholds" if multilabel else "the top-1 class",
              "criterion": (f"accuracy within {100 * INT8_MAX_ACCURACY_DROP:g} point of fp32 and top-1 agreement >= "
                            f"{INT8_MIN_AGREEMENT} where fp32's top-1 minus top-2 >= {INT8_CONFIDENT_MARGIN}" if int8
                            else f"max |p - p_torch| <= {FP32_TOLERANCE}")}

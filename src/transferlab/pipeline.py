@@ -23,7 +23,7 @@ from ._io import write_json
 from .artifacts import save_artifact
 from .backbones.models import Classifier, build_head, create_backbone
 from .data.audit import audit, dedupe_across_splits
-from .data.scan import Dataset, Sample, Skipped, scan
+from .data.scan import TASKS, Dataset, Sample, Skipped, scan
 from .data.split import split_dataset, write_skipped_csv, write_split_csv
 from .data.transforms import AUGMENT_PRESETS, TrainTransform
 from .errors import ConfigError, DataError
@@ -70,6 +70,9 @@ class TrainConfig:
     time_limit: seconds for the whole run; training stops in time to evaluate and save.
     diagnose: after the head phase, search the training split for label issues and compute the learning
         curve on the cached features (``label_issues.csv``/``.html``, report sections); up to 5,000 images.
+    task: ``auto`` (from the data: a manifest with ``;``-separated or empty labels is multi-label),
+        ``single`` or ``multilabel`` (sigmoid outputs, binary cross-entropy, per-label thresholds; class
+        folders then may hold the same image under several labels).
     devices / strategy / num_nodes / accelerator: Lightning's, for fine-tuning (``ddp`` over several).
     """
 
@@ -118,9 +121,12 @@ class TrainConfig:
     top_k: tuple[int, ...] = (1, 3, 5)
     dedupe: bool = False
     diagnose: bool = True
+    task: str = "auto"
 
     def validate(self) -> "TrainConfig":
         """Check values; raises :class:`ConfigError` quoting the bad value."""
+        if self.task not in TASKS:
+            raise ConfigError(f"task {self.task!r}: expected one of {', '.join(TASKS)}.")
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}.")
         if self.class_weights not in (None, "none", "balanced"):
@@ -329,7 +335,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         _refuse_existing(run, overwrite)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     deadline = wall_start + cfg.time_limit if cfg.time_limit else None
-    ds = split_dataset(scan(data), cfg.val, cfg.test, cfg.seed)
+    ds = split_dataset(scan(data, task=cfg.task), cfg.val, cfg.test, cfg.seed)
     skipped = list(ds.skipped)
     report = audit(ds)  # the cheap part: exact duplicates, leakage, imbalance
     if cfg.dedupe:
@@ -351,7 +357,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     (run / "logs").mkdir(exist_ok=True)
     if not resume:
         write_json(run / "train_config.json", {"data": str(Path(data).resolve()), "config": _jsonable(asdict(cfg))})
-    write_split_csv(ds.samples, run / "split.csv")
+    write_split_csv(ds.samples, run / "split.csv", ds.task)
     write_skipped_csv(skipped, run / "skipped.csv")
     use_head = cfg.mode in ("head", "knn") or (cfg.mode == "auto" and info.pretrained)
     use_ft = cfg.mode == "finetune" or (cfg.mode == "auto")
@@ -360,6 +366,11 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     plan = plan_run(ds, cfg, backbone, info, use_ft, wall_start)
     info = replace(info, preprocessing=replace(info.preprocessing, size=plan.image_size))
     _announce(plan, run)
+    if ds.task == "multilabel":
+        from .multilabel import train_multilabel
+
+        return train_multilabel(run, data, ds, cfg, backbone, info, plan, use_head, use_ft, skipped,
+                                report.warnings, t_start, wall_start, deadline, resume)
     history = History(run / "logs" / "history.csv", "head")
     stats: dict[str, Any] = {"extract_s": 0.0, "head_s": 0.0, "features_computed": 0, "features_cached": 0}
     results: dict[str, SplitResult] = {}
@@ -380,18 +391,9 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         ytr = _labels(train_s, ds.classes)
         _check_train_classes(ytr, ds.classes)
         history.phase = "finetune"
-        ft_cfg = FinetuneConfig(
-            epochs=plan.epochs, lr=cfg.ft_lr, freeze_epochs=0 if use_head else cfg.freeze_epochs,
-            head_lr=None if use_head else 2 * cfg.ft_lr, val_every=plan.val_every,
-            discard_after_s=(plan.budget_s or plan.estimate.get("total", 0.0)) / 3,
-            unfreeze=cfg.unfreeze, frozen_stride=cfg.frozen_stride, weight_decay=cfg.weight_decay, label_smoothing=cfg.ft_label_smoothing,
-            batch_size=cfg.ft_batch_size, patience=cfg.ft_patience, grad_clip=cfg.grad_clip, augment=cfg.augment,
+        ft_cfg = finetune_config(
+            cfg, plan, use_head, deadline,
             class_weights=balanced_class_weights(ytr, n_classes) if cfg.loss_weights else None,
-            balance_sampler=cfg.balance == "sampler", seed=cfg.seed,
-            workers=default_workers() if cfg.workers is None else cfg.workers, accelerator=cfg.accelerator,
-            devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-            mixed_precision=cfg.mixed_precision, deadline=deadline, quiet=cfg.quiet,
-            reserve_s=plan.estimate.get("evaluate", 15.0),
             initial_val_loss=calibrated_nll(results["val"].probs, results["val"].y_true)
             if use_head and not resume and "val" in results else None)
         ft = fit_finetune(model, [s.path for s in train_s], ytr.tolist(), [s.path for s in val_s],
@@ -405,6 +407,25 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     ft_s = time.perf_counter() - t_ft if use_ft else 0.0
     return _finish(run, data, ds, cfg, info, model, results, history, skipped, stats, ft, ft_s, t_start,
                    report.warnings, plan)
+
+
+def finetune_config(cfg: TrainConfig, plan: Plan, use_head: bool, deadline: float | None, *,
+                    class_weights: Sequence[float] | None, initial_val_loss: float | None,
+                    multilabel: bool = False) -> FinetuneConfig:
+    """The fine-tuning phase's options from the run's: a trained head starts unfrozen at the base rate, a
+    new one gets twice it after a frozen epoch; the run's deadline and plan bound it."""
+    return FinetuneConfig(
+        epochs=plan.epochs, lr=cfg.ft_lr, freeze_epochs=0 if use_head else cfg.freeze_epochs,
+        head_lr=None if use_head else 2 * cfg.ft_lr, val_every=plan.val_every,
+        discard_after_s=(plan.budget_s or plan.estimate.get("total", 0.0)) / 3,
+        unfreeze=cfg.unfreeze, frozen_stride=cfg.frozen_stride, weight_decay=cfg.weight_decay,
+        label_smoothing=0.0 if multilabel else cfg.ft_label_smoothing,
+        batch_size=cfg.ft_batch_size, patience=cfg.ft_patience, grad_clip=cfg.grad_clip, augment=cfg.augment,
+        class_weights=class_weights, balance_sampler=cfg.balance == "sampler", seed=cfg.seed,
+        workers=default_workers() if cfg.workers is None else cfg.workers, accelerator=cfg.accelerator,
+        devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
+        mixed_precision=cfg.mixed_precision, deadline=deadline, quiet=cfg.quiet,
+        reserve_s=plan.estimate.get("evaluate", 15.0), initial_val_loss=initial_val_loss, multilabel=multilabel)
 
 
 def _announce(plan: Plan, run: Path) -> None:

@@ -57,10 +57,11 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
                           mixed_precision=cfg.mixed_precision, workers=_workers(cfg), train=finetune)
     if not finetune:
         costs = Costs(costs.eval_s, {s: 0.0 for s in costs.eval_s})
-    return make_plan(native=native, default_size=default, n_extract=len(ds.samples), n_train=n["train"],
+    plan = make_plan(native=native, default_size=default, n_extract=len(ds.samples), n_train=n["train"],
                      n_val=n["val"], n_test=n["test"], costs=costs, finetune=finetune, budget_s=cfg.time_limit,
                      elapsed_s=time.time() - started_at, max_epochs=cfg.ft_epochs, image_size=cfg.image_size,
                      head_s=head_seconds(n["train"]))
+    return replace(plan, task=ds.task)
 
 
 def head_seconds(n_train: int) -> float:
@@ -88,7 +89,7 @@ def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: Ba
                       head_s=0.0)
     reasons = [r if r.startswith("before ") else f"before extraction: {r}" for r in plan.reasons]
     reasons += [f"before fine-tuning: {r}" for r in again.reasons if not r.endswith("(--image-size)")]
-    return replace(again, reasons=reasons)
+    return replace(again, reasons=reasons, task=plan.task)
 
 
 def _workers(cfg: Any) -> int:

@@ -19,17 +19,19 @@ from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
 from .data.transforms import EvalTransform, Preprocessing
 from .evaluation.metrics import softmax
+from .training.multilabel import sigmoid
 from .runtime import FrozenGraph, autocast, cpu_has_bf16, pick_device, prepare_model, to_device_batch
 
 __all__ = ["Predictor", "OnnxPredictor", "Prediction", "load_model", "expand_paths", "checked_onnx_export",
-           "onnx_pays", "ENGINES"]
+           "onnx_pays", "ENGINES", "decide_row"]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
 @dataclass
 class Prediction:
-    """One input's result: top-k ``(label, index, probability)`` or an ``error``."""
+    """One input's result: top-k ``(label, index, probability)`` or an ``error``. A multi-label model's
+    ``labels`` are every label at or above its threshold (``label`` joins them with ``;``)."""
 
     source: str
     label: str | None = None
@@ -37,15 +39,38 @@ class Prediction:
     top_k: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     ood_score: float | None = None
+    labels: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: ``{"path", "label", "probability", "predictions": [...], "error"}``, plus
-        ``ood_score`` when the open-set check ran."""
+        ``ood_score`` when the open-set check ran and ``labels`` for a multi-label model."""
         out = {"path": self.source, "label": self.label, "probability": self.probability,
                "predictions": self.top_k, "error": self.error}
         if self.ood_score is not None:
             out["ood_score"] = self.ood_score
+        if self.labels is not None:
+            out["labels"] = self.labels
         return out
+
+
+def decide_row(p: np.ndarray, classes: Sequence[str], top_k: int, threshold: float | None = None,
+               thresholds: np.ndarray | None = None) -> dict[str, Any]:
+    """One image's decision from its probabilities: ``label``, ``probability`` and the top-k
+    ``predictions``. Single-label: the top class, ``unknown`` below ``threshold``. Multi-label (per-label
+    ``thresholds`` given): ``labels`` = every label reaching its threshold (``threshold`` overrides them
+    all), ``label`` = those joined by ``;`` (empty: none) and ``probability`` = the top one's."""
+    cut = None if thresholds is None else np.full(len(classes), threshold) if threshold is not None else thresholds
+    on = [] if cut is None else [j for j in range(len(classes)) if p[j] >= cut[j]]  # class order, as in a manifest
+    order = np.argsort(-p)[:max(1, min(max(top_k, len(on)), len(classes)))]  # every label that is on is listed
+    top = [{"label": classes[j], "index": int(j), "probability": float(p[j]),
+            **({} if cut is None else {"threshold": float(cut[j]), "on": bool(p[j] >= cut[j])})} for j in order]
+    out: dict[str, Any] = {"label": top[0]["label"], "probability": top[0]["probability"], "predictions": top}
+    if cut is not None:
+        out["labels"] = [classes[j] for j in on]
+        out["label"] = ";".join(out["labels"])
+    elif threshold is not None and top[0]["probability"] < threshold:
+        out["label"] = "unknown"
+    return out
 
 
 def expand_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
@@ -81,6 +106,7 @@ class Predictor:
         self.classes: list[str] = list(config["classes"])
         self.preprocessing = Preprocessing.from_dict(config["preprocessing"])
         self.temperature = float((config.get("calibration") or {}).get("temperature", 1.0))
+        self._set_task(config)
         self.device = pick_device(device)
         self.mixed_precision = mixed_precision
         self.batch_size, self.workers = batch_size, workers
@@ -101,13 +127,23 @@ class Predictor:
         """Logits (float32) of a uint8 NCHW batch."""
         return self._forward(batch)[0]
 
+    def _set_task(self, config: dict[str, Any]) -> None:
+        """``multilabel`` and the per-label ``thresholds`` (None for a single-label model)."""
+        self.multilabel = config.get("task") == "multilabel"
+        self.thresholds = np.asarray(config.get("thresholds") or [0.5] * len(self.classes), np.float64) \
+            if self.multilabel else None
+
+    def _activate(self, logits: np.ndarray, temperature: float) -> np.ndarray:
+        """Probabilities from logits: independent sigmoids for a multi-label model, else softmax."""
+        return sigmoid(logits) if self.multilabel else softmax(logits, temperature)
+
     def _batch(self, batch: torch.Tensor, temperature: float, tta: bool,
                scores: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities of a batch and, with ``scores``, its open-set scores (of the image, not the mirror)."""
         logits, feats = self._forward(batch)
-        p = softmax(logits, temperature)
+        p = self._activate(logits, temperature)
         if tta:  # average with the mirror image
-            p = (p + softmax(self.logits(batch.flip(-1)), temperature)) / 2
+            p = (p + self._activate(self.logits(batch.flip(-1)), temperature)) / 2
         return p, (self.openset.score(feats) if scores and self.openset is not None else None)
 
     def predict_proba(self, inputs: Sequence[ImageInput], calibrated: bool = True,
@@ -173,6 +209,8 @@ class Predictor:
         """Top-k predictions per input; with ``threshold``, a top probability below it is labelled
         ``unknown`` (the top-k list is kept). With ``open_set``, an image whose features lie beyond the
         model's open-set threshold is ``unknown`` too, and each prediction carries its ``ood_score``.
+        A multi-label model returns every label at or above its tuned threshold (``threshold`` replaces
+        them all) in ``labels``.
 
         Raises:
             ConfigError: ``open_set`` on a model without an open-set scorer or on the ONNX engine."""
@@ -184,22 +222,18 @@ class Predictor:
                 "that was not fine-tuned)"
             raise ConfigError(f"--open-set: {why}.")
         probs, errors, scores = self.predict_scores(inputs, calibrated, tta, open_set)
-        k = max(1, min(top_k, len(self.classes)))
         out = []
         for i, x in enumerate(inputs):
             src = str(x) if isinstance(x, (str, os.PathLike)) else f"<image {i}>"
             if errors[i] is not None:
                 out.append(Prediction(src, error=errors[i]))
                 continue
-            order = np.argsort(-probs[i])[:k]
-            top = [{"label": self.classes[j], "index": int(j), "probability": float(probs[i, j])} for j in order]
-            label = top[0]["label"]
-            if threshold is not None and top[0]["probability"] < threshold:
-                label = "unknown"
+            d = decide_row(probs[i], self.classes, top_k, threshold, self.thresholds)
             ood = float(scores[i]) if scores is not None else None
             if ood is not None and ood > self.openset.threshold:
-                label = "unknown"
-            out.append(Prediction(src, label, top[0]["probability"], top, ood_score=ood))
+                d["label"] = "unknown"
+            out.append(Prediction(src, d["label"], d["probability"], d["predictions"], ood_score=ood,
+                                  labels=d.get("labels")))
         return out
 
 
@@ -286,8 +320,9 @@ class OnnxPredictor(Predictor):
         if meta.get("transferlab_format") != "transferlab-export":
             raise ArtifactError(f"'{path}' is not an ONNX file exported by transferlab (no metadata).")
         self.config = {k: json.loads(v) for k, v in meta.items() if k in ("classes", "preprocessing", "backbone",
-                                                                         "calibration")}
+                                                                         "calibration", "task", "thresholds")}
         self.classes = list(self.config["classes"])
+        self._set_task(self.config)
         self.preprocessing = Preprocessing.from_dict(self.config["preprocessing"])
         self.baked_temperature = float(self.config.get("calibration", {}).get("temperature", 1.0))
         self.temperature = self.baked_temperature
@@ -300,7 +335,7 @@ class OnnxPredictor(Predictor):
         """Probabilities of a batch; the exported graph has no feature output, so no open-set scores."""
         def run(x: torch.Tensor) -> np.ndarray:
             p = self.session.run(None, {"pixels": x.contiguous().numpy()})[0].astype(np.float64)
-            if temperature != self.baked_temperature:
+            if temperature != self.baked_temperature and not self.multilabel:
                 p = softmax(np.log(np.clip(p, 1e-300, None)) * self.baked_temperature, temperature)
             return p
 

@@ -17,7 +17,7 @@ from ..errors import DataError, ImageError
 from .images import ImageInfo, decode, is_image_path
 from .labels import check_label
 
-__all__ = ["Sample", "Skipped", "Dataset", "scan", "SPLIT_ALIASES"]
+__all__ = ["Sample", "Skipped", "Dataset", "scan", "SPLIT_ALIASES", "TASKS", "LABEL_SEP"]
 
 log = logging.getLogger("transferlab")
 
@@ -27,15 +27,27 @@ SPLIT_ALIASES = {
     "val": "val", "valid": "val", "validation": "val", "dev": "val",
     "test": "test", "testing": "test",
 }
+#: ``single`` (one class per image), ``multilabel`` (any number of labels), ``auto`` (from the data).
+TASKS = ("auto", "single", "multilabel")
+#: Separates the labels of a multi-label image in a manifest and in split.csv (``cat;dog``).
+LABEL_SEP = ";"
 
 
 @dataclass(frozen=True, order=True)
 class Sample:
-    """One usable image: absolute ``path``, class ``label`` and ``split`` (None until split)."""
+    """One usable image: absolute ``path``, class ``label`` and ``split`` (None until split).
+
+    A multi-label image's ``label`` holds its labels sorted and joined by ``;`` (empty: no label), the
+    form a manifest and split.csv use; :attr:`labels` gives them as a tuple."""
 
     path: str
     label: str
     split: str | None = None
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The image's labels: one for a single-label image, any number (none included) for multi-label."""
+        return tuple(self.label.split(LABEL_SEP)) if self.label else ()
 
 
 @dataclass(frozen=True)
@@ -56,22 +68,29 @@ class Dataset:
     classes: list[str]
     layout: str  # "folders", "presplit" or "manifest"
     infos: dict[str, ImageInfo] = field(default_factory=dict, repr=False)
+    task: str = "single"  # or "multilabel"
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Images per class and split: ``{label: {split: n}}`` (split ``"all"`` before splitting)."""
+        """Images per class and split: ``{label: {split: n}}`` (split ``"all"`` before splitting); a
+        multi-label image counts once under each of its labels."""
         out: dict[str, dict[str, int]] = {c: {} for c in self.classes}
         for s in self.samples:
             key = s.split or "all"
-            out[s.label][key] = out[s.label].get(key, 0) + 1
+            for label in s.labels:
+                out[label][key] = out[label].get(key, 0) + 1
         return out
 
 
-def scan(source: str | os.PathLike[str], validate: bool = True, workers: int = 4) -> Dataset:
+def scan(source: str | os.PathLike[str], validate: bool = True, workers: int = 4, task: str = "auto") -> Dataset:
     """Scan a dataset and validate every image in it.
 
     ``source`` is a folder of class folders (``DATA/<class>/<image>``), a pre-split folder
     (``DATA/{train,val,test}/<class>/<image>``) or a CSV manifest (``path,label[,split]``, paths
     relative to the manifest). Unreadable files are skipped with a reason.
+
+    ``task``: ``auto`` (default) makes a manifest multi-label when its header says ``labels`` or a row has
+    several labels (``cat;dog``) or none (an empty field); ``multilabel`` also reads class folders where
+    one image sits in several folders (the same file content: one image with those labels).
 
     Raises:
         DataError: no such folder, fewer than two classes, or a class with no usable image.
@@ -80,6 +99,8 @@ def scan(source: str | os.PathLike[str], validate: bool = True, workers: int = 4
         >>> ds = scan("photos/")  # doctest: +SKIP
         >>> ds.classes, len(ds.samples), len(ds.skipped)  # doctest: +SKIP
     """
+    if task not in TASKS:
+        raise DataError(f"task {task!r}: expected one of {', '.join(TASKS)}.")
     root = Path(source).expanduser()
     if not root.exists():
         raise DataError(f"no such file or folder: '{source}'. Give a folder of class folders, "
@@ -87,14 +108,18 @@ def scan(source: str | os.PathLike[str], validate: bool = True, workers: int = 4
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(f"'{source}' is a file but not a CSV manifest; expected a folder or a .csv file.")
-        candidates, skipped, layout = _from_manifest(root), [], "manifest"
+        candidates, multi = _from_manifest(root, task)
+        skipped, layout = [], "manifest"
         root = root.parent.resolve()
     else:
         root = root.resolve()
         split_dirs = _split_dirs(root)
         layout = "presplit" if split_dirs else "folders"
         candidates, skipped = _from_folders(root, split_dirs)
-    class_names = sorted({s.label for s in candidates})
+        multi = task == "multilabel"
+        if multi:
+            candidates = merge_copies(candidates)
+    class_names = sorted({label for s in candidates for label in s.labels})
     if len(class_names) < 2:
         found = ", ".join(f"'{c}'" for c in class_names) or "none"
         raise DataError(
@@ -113,7 +138,7 @@ def scan(source: str | os.PathLike[str], validate: bool = True, workers: int = 4
                     infos[sample.path] = result
     else:
         samples = list(candidates)
-    usable = {s.label for s in samples}
+    usable = {label for s in samples for label in s.labels}
     empty = [c for c in class_names if c not in usable]
     if empty:
         reasons = [f"{k.path}: {k.reason}" for k in skipped if _label_of(k.path, candidates) in empty][:5]
@@ -121,7 +146,7 @@ def scan(source: str | os.PathLike[str], validate: bool = True, workers: int = 4
         raise DataError(f"class(es) with no usable image: {', '.join(repr(c) for c in empty)} in "
                         f"'{source}'{detail}. Add readable images or remove the folder.")
     return Dataset(root=root, samples=samples, skipped=skipped, classes=class_names, layout=layout,
-                   infos=infos)
+                   infos=infos, task="multilabel" if multi else "single")
 
 
 def _check(path: str) -> ImageInfo | ImageError:
@@ -134,8 +159,27 @@ def _check(path: str) -> ImageInfo | ImageError:
 def _label_of(path: str, candidates: list[Sample]) -> str | None:
     for s in candidates:
         if s.path == path:
-            return s.label
+            return s.labels[0] if s.labels else None
     return None
+
+
+def merge_copies(samples: list[Sample]) -> list[Sample]:
+    """Multi-label class folders: files with the same content (in one split) become one image whose labels
+    are the folders it sits in; the first path in sorted order stands for it."""
+    from .._io import file_digest
+
+    groups: dict[tuple[str | None, str], list[Sample]] = {}
+    for s in samples:
+        try:
+            key = (s.split, file_digest(s.path))
+        except OSError:
+            key = (s.split, s.path)  # unreadable: the image check will skip it with its reason
+        groups.setdefault(key, []).append(s)
+    out = []
+    for members in groups.values():
+        labels = sorted({m.label for m in members})
+        out.append(Sample(min(m.path for m in members), LABEL_SEP.join(labels), members[0].split))
+    return sorted(out)
 
 
 def _split_dirs(root: Path) -> dict[str, Path]:
@@ -195,7 +239,8 @@ def _walk_class(folder: Path, label: str, split: str | None, samples: list[Sampl
                 samples.append(Sample(os.path.abspath(path), label, split))
 
 
-def _from_manifest(manifest: Path) -> list[Sample]:
+def _from_manifest(manifest: Path, task: str = "auto") -> tuple[list[Sample], bool]:
+    """The manifest's samples and whether it is multi-label."""
     base = manifest.parent.resolve()
     samples: list[Sample] = []
     with open(manifest, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not data
@@ -203,8 +248,11 @@ def _from_manifest(manifest: Path) -> list[Sample]:
     if not rows:
         raise DataError(f"manifest '{manifest}' is empty; expected rows path,label[,split].")
     header = [c.strip().lower() for c in rows[0]]
-    if header[:2] == ["path", "label"]:
+    if header[:1] == ["path"] and len(header) > 1 and header[1] in ("label", "labels"):
         rows = rows[1:]
+    multi = task == "multilabel" or (task == "auto" and (
+        header[1:2] == ["labels"] or any(len(r) > 1 and (LABEL_SEP in r[1] or not r[1].strip())
+                                         for r in rows if r and any(c.strip() for c in r))))
     for i, row in enumerate(rows, start=2):
         if not row or not any(c.strip() for c in row):
             continue
@@ -217,6 +265,11 @@ def _from_manifest(manifest: Path) -> list[Sample]:
         if split is not None and split not in SPLIT_ALIASES:
             raise DataError(f"manifest '{manifest}' line {i}: unknown split {row[2]!r}; "
                             "expected train, val or test.")
-        label = check_label(row[1], f"manifest '{manifest}' line {i}")
+        where = f"manifest '{manifest}' line {i}"
+        if multi:
+            label = LABEL_SEP.join(sorted({check_label(x.strip(), where) for x in row[1].split(LABEL_SEP)
+                                           if x.strip()}))
+        else:
+            label = check_label(row[1], where)
         samples.append(Sample(str(path), label, SPLIT_ALIASES[split] if split else None))
-    return samples
+    return samples, multi

@@ -15,7 +15,7 @@ from .._io import write_text
 from ..errors import ConfigError
 from .scan import Dataset, Sample, Skipped
 
-__all__ = ["SPLITS", "split_dataset", "stratified_split", "write_split_csv", "read_split_csv",
+__all__ = ["SPLITS", "split_dataset", "stratified_split", "iterative_split", "write_split_csv", "read_split_csv",
            "write_skipped_csv"]
 
 log = logging.getLogger("transferlab")
@@ -58,6 +58,50 @@ def stratified_split(samples: list[Sample], val: float = 0.15, test: float = 0.1
     return out
 
 
+def iterative_split(samples: list[Sample], val: float = 0.15, test: float = 0.15, seed: int = 0) -> list[Sample]:
+    """Assign ``train``/``val``/``test`` to multi-label images by iterative stratification (Sechidis,
+    Tsoumakas and Vlahavas 2011), reproducibly.
+
+    The rarest label still to place goes first: each of its images goes to the split that most lacks that
+    label (ties: the split most short of images, then train, val, test), and the demand is updated. Every
+    label with enough images thus lands in each split in about the given fractions, which a random split
+    does not promise for rare labels. Images with no label fill the splits last.
+
+    Example:
+        >>> iterative_split(samples, val=0.15, test=0.15, seed=0)  # doctest: +SKIP
+    """
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ConfigError(f"split fractions val={val}, test={test}: each must be in [0, 1) and "
+                          "their sum below 1 (for example --val 0.15 --test 0.15).")
+    items = sorted(samples, key=lambda s: s.path)
+    rng = np.random.default_rng([seed, 7])
+    items = [items[i] for i in rng.permutation(len(items))]
+    fractions = np.array([1 - val - test, val, test])
+    names = sorted({label for s in items for label in s.labels})
+    col = {c: j for j, c in enumerate(names)}
+    y = np.zeros((len(items), len(names)), dtype=bool)
+    for i, s in enumerate(items):
+        y[i, [col[c] for c in s.labels]] = True
+    want_n = fractions * len(items)  # images each split still wants
+    want = fractions[:, None] * y.sum(0)[None, :]  # per split and label
+    where = np.full(len(items), -1)
+    left = y.copy()
+    while left.any():
+        counts = left.sum(0)
+        label = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max)))
+        for i in np.flatnonzero(left[:, label]):
+            lacks = np.where(fractions > 0, want[:, label], -np.inf)
+            k = int(np.lexsort((-np.arange(3), want_n, lacks))[-1])  # the last sorts as the most wanting
+            where[i] = k
+            want[k] -= y[i]
+            want_n[k] -= 1
+            left[i] = False
+    for i in np.flatnonzero(where < 0):
+        where[i] = int(np.argmax(np.where(fractions > 0, want_n, -np.inf)))
+        want_n[where[i]] -= 1
+    return [replace(s, split=SPLITS[k]) for s, k in zip(items, where)]
+
+
 def _sizes(n: int, val: float, test: float) -> tuple[int, int]:
     if n < 2:
         return 0, 0
@@ -80,14 +124,15 @@ def split_dataset(dataset: Dataset, val: float = 0.15, test: float = 0.15, seed:
     split are split stratified; when the given splits lack ``val`` or ``test``, that split is carved
     out of ``train`` with the same fractions.
     """
+    splitter = iterative_split if dataset.task == "multilabel" else stratified_split
     given = [s for s in dataset.samples if s.split]
     if not given:
-        return replace(dataset, samples=_ordered(stratified_split(dataset.samples, val, test, seed)))
+        return replace(dataset, samples=_ordered(splitter(dataset.samples, val, test, seed)))
     missing = [s for s in dataset.samples if not s.split]
     if missing:
         log.warning("%d sample(s) have no split; they are split %.0f/%.0f/%.0f.", len(missing),
                     100 * (1 - val - test), 100 * val, 100 * test)
-    samples = given + (stratified_split(missing, val, test, seed) if missing else [])
+    samples = given + (splitter(missing, val, test, seed) if missing else [])
     present = {s.split for s in samples}
     carve_val = val if "val" not in present else 0.0
     carve_test = test if "test" not in present else 0.0
@@ -96,8 +141,7 @@ def split_dataset(dataset: Dataset, val: float = 0.15, test: float = 0.15, seed:
         log.info("no %s split given: taking it from train (stratified, seed %d).", names, seed)
         train = [s for s in samples if s.split == "train"]
         rest = [s for s in samples if s.split != "train"]
-        samples = rest + stratified_split([replace(s, split=None) for s in train], carve_val,
-                                          carve_test, seed)
+        samples = rest + splitter([replace(s, split=None) for s in train], carve_val, carve_test, seed)
     return replace(dataset, samples=_ordered(samples))
 
 
@@ -107,12 +151,13 @@ def _ordered(samples: list[Sample]) -> list[Sample]:
     return sorted(samples, key=lambda s: (order.get(s.split or "", 9), s.label, s.path))
 
 
-def write_split_csv(samples: list[Sample], path: str | os.PathLike[str]) -> None:
-    """Write ``path,label,split`` for every sample (atomically). Read it back with :func:`read_split_csv`
-    or train on it directly: a split.csv is a manifest."""
+def write_split_csv(samples: list[Sample], path: str | os.PathLike[str], task: str = "single") -> None:
+    """Write ``path,label,split`` for every sample (atomically); a multi-label dataset's header says
+    ``labels`` (``;``-separated), so the file reads back as multi-label. Read it back with
+    :func:`read_split_csv` or train on it directly: a split.csv is a manifest."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "split"])
+    w.writerow(["path", "labels" if task == "multilabel" else "label", "split"])
     for s in samples:
         w.writerow([s.path, s.label, s.split or ""])
     write_text(path, buf.getvalue())
@@ -121,7 +166,7 @@ def write_split_csv(samples: list[Sample], path: str | os.PathLike[str]) -> None
 def read_split_csv(path: str | os.PathLike[str]) -> list[Sample]:
     """Read a ``split.csv`` written by :func:`write_split_csv`."""
     with open(path, newline="", encoding="utf-8") as f:
-        return [Sample(r["path"], r["label"], r["split"] or None) for r in csv.DictReader(f)]
+        return [Sample(r["path"], r.get("label", r.get("labels", "")), r["split"] or None) for r in csv.DictReader(f)]
 
 
 def write_skipped_csv(skipped: list[Skipped], path: str | os.PathLike[str]) -> None:

@@ -8,7 +8,8 @@ import numpy as np
 
 from .metrics import softmax
 
-__all__ = ["expected_calibration_error", "fit_temperature", "apply_temperature", "reliability_bins"]
+__all__ = ["expected_calibration_error", "fit_temperature", "apply_temperature", "reliability_bins",
+           "calibrated_nll", "multilabel_nll"]
 
 
 def reliability_bins(probs: np.ndarray, y: Sequence[int], n_bins: int = 15) -> list[dict[str, Any]]:
@@ -50,6 +51,13 @@ def calibrated_nll(probs: np.ndarray, y: Sequence[int]) -> float:
     y = np.asarray(y, dtype=np.int64)
     p = apply_temperature(probs, fit_temperature(probs, y))
     return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-300, None))))
+
+
+def multilabel_nll(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean binary cross-entropy of sigmoid probabilities against a 0/1 label matrix."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-12, 1 - 1e-12)
+    y = np.asarray(y, np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def fit_temperature(probs: np.ndarray, y: Sequence[int], lo: float = 0.05, hi: float = 20.0) -> float:

@@ -74,7 +74,8 @@ def render_report(*, title: str, metrics: dict[str, Any], images: dict[str, byte
     test = metrics.get("test") or {}
     val = metrics.get("val") or {}
     cards = []
-    for label, value, ci in (("test accuracy", test.get("accuracy"), test.get("accuracy_ci")),
+    for label, value, ci in (("test mAP", test.get("mAP"), None), ("test micro-F1", test.get("micro_f1"), None),
+                             ("test accuracy", test.get("accuracy"), test.get("accuracy_ci")),
                              ("test macro-F1", test.get("macro_f1"), test.get("macro_f1_ci")),
                              ("val accuracy", val.get("accuracy"), val.get("accuracy_ci")),
                              ("test images", test.get("n"), None)):

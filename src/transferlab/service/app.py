@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..data.images import decode, peek_size
 from ..errors import ConfigError, ImageError, ImageTooLargeError
-from ..predict import load_model
+from ..predict import decide_row, load_model
 from .batcher import Batcher, QueueFull
 
 __all__ = ["create_app", "app_from_env", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_REQUEST_PIXELS"]
@@ -167,14 +167,10 @@ def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
         except QueueFull as exc:
             return JSONResponse({"error": f"busy: {exc}; try again shortly"}, status_code=503,
                                 headers={"Retry-After": "1"})
-        k = max(1, min(top_k, len(predictor.classes)))
         results = []
         for (name, _), row in zip(uploads, probs):
-            p = row[:len(predictor.classes)]
-            order = np.argsort(-p)[:k]
-            results.append({"filename": name, "label": predictor.classes[order[0]], "probability": float(p[order[0]]),
-                            "predictions": [{"label": predictor.classes[j], "index": int(j), "probability": float(p[j])}
-                                            for j in order]})
+            results.append({"filename": name, **decide_row(row[:len(predictor.classes)], predictor.classes, top_k,
+                                                           thresholds=predictor.thresholds)})
             if open_set:
                 results[-1]["ood_score"] = float(row[-1])
                 if row[-1] > predictor.openset.threshold:

@@ -86,6 +86,7 @@ class FinetuneConfig:
     deadline: float | None = None  # time.time() by which the whole run must be done
     reserve_s: float = 5.0  # time kept after training for evaluation, report and saving
     initial_val_loss: float | None = None  # the starting model's calibrated validation NLL, if known
+    multilabel: bool = False  # labels are 0/1 rows; binary cross-entropy, class_weights = positive weights
     quiet: bool = False
 
 
@@ -342,12 +343,12 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     keep_freed_memory()
     module = _FinetuneModule(model, lr=cfg.lr, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
                              class_weights=cfg.class_weights, warmup=WARMUP, param_groups=groups, optimizer=cfg.optimizer,
-                             input_transform=_channels_last)
+                             input_transform=_channels_last, multilabel=cfg.multilabel)
     pre_cfg = model.preprocessing
     train_tf = TrainTransform(pre_cfg, cfg.augment)
     ytr = np.asarray(train_y, dtype=np.int64)
     weights = None
-    if cfg.balance_sampler:
+    if cfg.balance_sampler and not cfg.multilabel:
         counts = np.bincount(ytr).astype(np.float64)
         weights = (1.0 / counts[ytr])
     train_ds = _TrainFiles(list(train_paths), train_tf, ytr.tolist(), cfg.seed)

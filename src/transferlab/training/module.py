@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..evaluation.calibration import calibrated_nll
+from ..evaluation.calibration import calibrated_nll, multilabel_nll
 
 __all__ = ["ClassifierModule", "cosine_with_warmup"]
 
@@ -31,13 +31,14 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, floor: float = 0.01)
 
 
 class ClassifierModule(L.LightningModule):
-    """Cross-entropy training of ``model`` (a head on features, or a whole classifier).
+    """Cross-entropy training of ``model`` (a head on features, or a whole classifier); with
+    ``multilabel``, binary cross-entropy on sigmoid outputs against a 0/1 label matrix.
 
     Args:
         model: maps a batch to logits.
         param_groups: optimiser groups ``[{"params": [...], "lr": ...}]``; default one group at ``lr``.
         lr: base learning rate. weight_decay: AdamW decay. label_smoothing: cross-entropy smoothing.
-        class_weights: per-class loss weights (``None``: unweighted).
+        class_weights: per-class loss weights (``None``: unweighted); multi-label: each label's positive weight.
         warmup: share of the training steps spent in linear warm-up before the cosine decay.
         input_transform: applied to inputs on the device before ``model`` (e.g. channels_last).
         optimizer: ``adamw`` (default) or ``sgd`` (Nesterov momentum 0.9).
@@ -46,7 +47,7 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 1e-4,
                  label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
                  warmup: float = 0.0, param_groups: list[dict[str, Any]] | None = None,
-                 input_transform: Any = None, optimizer: str = "adamw") -> None:
+                 input_transform: Any = None, optimizer: str = "adamw", multilabel: bool = False) -> None:
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
@@ -54,6 +55,7 @@ class ClassifierModule(L.LightningModule):
         self.param_groups = param_groups
         self.input_transform = input_transform
         self.optimizer = optimizer
+        self.multilabel = multilabel
         w = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", w, persistent=False)
         self._val_out: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -66,9 +68,13 @@ class ClassifierModule(L.LightningModule):
     def _step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch[0], batch[-1]
         logits = self(x).float()
-        loss = F.cross_entropy(logits, y, weight=self.class_weights,
-                               label_smoothing=self.label_smoothing if stage == "train" else 0.0)
-        acc = (logits.argmax(1) == y).float().mean()
+        if self.multilabel:  # accuracy: the share of label decisions right at 0.5
+            loss = F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=self.class_weights)
+            acc = ((logits > 0) == (y > 0)).float().mean()
+        else:
+            loss = F.cross_entropy(logits, y, weight=self.class_weights,
+                                   label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+            acc = (logits.argmax(1) == y).float().mean()
         n = y.shape[0]
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
                  prog_bar=stage == "val")
@@ -81,13 +87,15 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         _, logits = self._step(batch, "val")
-        self._val_out.append((torch.softmax(logits.detach(), 1).cpu(), batch[-1].cpu()))
+        probs = torch.sigmoid(logits.detach()) if self.multilabel else torch.softmax(logits.detach(), 1)
+        self._val_out.append((probs.cpu(), batch[-1].cpu()))
 
     def on_validation_epoch_start(self) -> None:
         self._val_out = []
 
     def on_validation_epoch_end(self) -> None:
-        """Logs ``val_cal_loss``: the validation NLL after temperature scaling (what model selection uses)."""
+        """Logs ``val_cal_loss``: the validation NLL after temperature scaling (what model selection uses);
+        multi-label: the mean binary cross-entropy (thresholds, not a temperature, calibrate decisions)."""
         if not self._val_out:
             return
         probs = torch.cat([p for p, _ in self._val_out])
@@ -95,8 +103,9 @@ class ClassifierModule(L.LightningModule):
         self._val_out = []
         if self.trainer.world_size > 1:  # every rank scores the whole validation set
             probs = self.all_gather(probs).reshape(-1, probs.shape[-1]).cpu()
-            y = self.all_gather(y).reshape(-1).cpu()
-        value = calibrated_nll(probs.double().numpy(), y.numpy())
+            y = self.all_gather(y).reshape(-1, *y.shape[1:]).cpu()
+        value = multilabel_nll(probs.double().numpy(), y.numpy()) if self.multilabel else \
+            calibrated_nll(probs.double().numpy(), y.numpy())
         self.log("val_cal_loss", value, on_step=False, on_epoch=True, prog_bar=False, sync_dist=False)
 
     def configure_optimizers(self):

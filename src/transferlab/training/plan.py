@@ -198,6 +198,7 @@ class Plan:
     budget_s: float | None = None
     estimate: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    task: str = "single"  # or "multilabel"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (kept in ``metrics.json`` as ``plan``)."""
@@ -212,7 +213,9 @@ class Plan:
               if self.finetune else "no fine-tuning")
         budget = f" of a {self.budget_s:.0f}s budget" if self.budget_s else ""
         native = f" (images ~{self.native_size}px)" if self.native_size else ""
-        lines = [f"plan: {self.image_size}px input{native}; {ft}; estimated {est.get('total', 0):.0f}s{budget}"]
+        task = "multi-label (sigmoid outputs, binary cross-entropy, a threshold per label); " \
+            if self.task == "multilabel" else ""
+        lines = [f"plan: {task}{self.image_size}px input{native}; {ft}; estimated {est.get('total', 0):.0f}s{budget}"]
         lines += [f"  {r}" for r in self.reasons]
         return lines
 
