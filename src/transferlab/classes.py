@@ -111,6 +111,12 @@ def _image_files(folder: Path) -> list[str]:
     return files
 
 
+def _single_label(cfg: dict, what: str) -> None:
+    if cfg.get("task") == "multilabel":
+        raise ConfigError(f"{what} changes single-label models; this one is multi-label (its images can carry "
+                          "any labels, so a new label needs every image re-labelled): train it again.")
+
+
 def add_class(model_dir: str | os.PathLike[str], folder: str | os.PathLike[str], name: str | None = None, *,
               seed: int = 0, quiet: bool = False) -> ClassChange:
     """Add the images in ``folder`` as a new class ``name`` (default: the folder's name) to the model.
@@ -122,6 +128,7 @@ def add_class(model_dir: str | os.PathLike[str], folder: str | os.PathLike[str],
     t0 = time.perf_counter()
     model_dir, folder = Path(model_dir), Path(folder)
     model, cfg = load_artifact(model_dir)
+    _single_label(cfg, "add-class")
     classes = list(cfg["classes"])
     name = check_label(name or folder.name, f"the new class of {model_dir}")
     if name in classes:
@@ -185,6 +192,7 @@ def remove_class(model_dir: str | os.PathLike[str], name: str) -> ClassChange:
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     model, cfg = load_artifact(model_dir)
+    _single_label(cfg, "remove-class")
     classes = list(cfg["classes"])
     if name not in classes:
         raise ConfigError(f"'{name}' is not a class of this model ({', '.join(classes)}).")

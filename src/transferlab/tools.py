@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbones.models import create_backbone
-from .data.scan import Skipped, scan
+from .data.scan import Skipped, require_single_label, scan
 from .data.split import split_dataset
 from .evaluation.plots import lr_find_png
 from .features.cache import FeatureCache
@@ -21,7 +21,7 @@ __all__ = ["lr_find", "check_dataset"]
 def lr_find(data: str | os.PathLike[str], out: str | os.PathLike[str], *, backbone: str = "efficientnet_lite0",
             seed: int = 0, quiet: bool = False, cache_dir: str | None = None) -> LRFindResult:
     """Run the learning-rate finder for the head on ``data``'s training split; writes ``out/lr_find.png``."""
-    ds = split_dataset(scan(data), seed=seed)
+    ds = split_dataset(require_single_label(scan(data), "lr-find"), seed=seed)
     bb, info = create_backbone(backbone)
     train = [s for s in ds.samples if s.split == "train"]
     ext = FeatureExtractor(bb, info, quiet=quiet).extract([s.path for s in train], FeatureCache(cache_dir))

@@ -17,7 +17,7 @@ from ..errors import DataError, ImageError
 from .images import ImageInfo, decode, is_image_path
 from .labels import check_label
 
-__all__ = ["Sample", "Skipped", "Dataset", "scan", "SPLIT_ALIASES", "TASKS", "LABEL_SEP"]
+__all__ = ["Sample", "Skipped", "Dataset", "scan", "SPLIT_ALIASES", "TASKS", "LABEL_SEP", "require_single_label"]
 
 log = logging.getLogger("transferlab")
 
@@ -147,6 +147,15 @@ def scan(source: str | os.PathLike[str], validate: bool = True, workers: int = 4
                         f"'{source}'{detail}. Add readable images or remove the folder.")
     return Dataset(root=root, samples=samples, skipped=skipped, classes=class_names, layout=layout,
                    infos=infos, task="multilabel" if multi else "single")
+
+
+def require_single_label(ds: Dataset, what: str) -> Dataset:
+    """``ds`` itself when it is single-label; else a :class:`DataError` saying that ``what`` needs one label
+    per image."""
+    if ds.task == "multilabel":
+        raise DataError(f"{what} works on single-label data (one class per image); '{ds.root}' is multi-label. "
+                        "Train it with `transferlab train` (the report has per-label figures).")
+    return ds
 
 
 def _check(path: str) -> ImageInfo | ImageError:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._io import write_json
 from ..backbones.models import create_backbone
-from ..data.scan import Dataset, Sample, scan
+from ..data.scan import Dataset, Sample, require_single_label, scan
 from ..data.split import split_dataset
 from ..errors import DataError
 from ..features.cache import FeatureCache
@@ -51,7 +51,7 @@ def dataset_features(data: str | os.PathLike[str], *, backbone: str = "efficient
     """Scan and split ``data`` as ``train`` does (same seed, same split) and extract its features through
     the frozen backbone at the size ``train`` would choose without a time limit (cached, so a later
     ``train`` reuses them)."""
-    ds = split_dataset(scan(data), seed=seed)
+    ds = split_dataset(require_single_label(scan(data), "this diagnosis"), seed=seed)
     bb, info = create_backbone(backbone)
     size = useful_size(native_size(ds.infos), info.preprocessing.size)
     info = replace(info, preprocessing=replace(info.preprocessing, size=size))  # as train sets its planned size
