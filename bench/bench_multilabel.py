@@ -2,6 +2,7 @@
 a canvas, labels = the classes present.
 
     python bench/bench_multilabel.py OUT [--n 2000] [--fashion /usr/share/datasets/fashion-mnist] [--mode head]
+        [--balance none|weights]
 
 For each source, builds OUT/<source>/labels.csv (``path,labels``; one class made rare on purpose, and
 about one canvas in eight empty, i.e. no label), trains with ``transferlab.train`` and prints, on the test
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--fashion", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--mode", default="head")
+    ap.add_argument("--balance", default="none", help="weights: each label's positives weighted by its rarity")
     args = ap.parse_args()
     print("| data | images (train/val/test) | cardinality | mAP | micro-F1 tuned / 0.5 | macro-F1 tuned / 0.5 "
           "| subset acc | rare label AP (test support) | split deviation iterative / random | train s |")
@@ -119,7 +121,8 @@ def main() -> None:
     for name, (images, targets, names) in _sources(args).items():
         manifest = build(Path(args.out) / name, images, targets, names, args.n)
         t0 = time.perf_counter()
-        res = train(manifest, Path(args.out) / f"run-{name}", overwrite=True, mode=args.mode, quiet=True)
+        res = train(manifest, Path(args.out) / f"run-{name}", overwrite=True, mode=args.mode, quiet=True,
+                    balance=args.balance)
         seconds = time.perf_counter() - t0
         m = res.metrics
         test = m["test"]
@@ -137,7 +140,7 @@ def main() -> None:
         print(f"| {name} composites | {n['train']}/{n['val']}/{n['test']} | {test['label_cardinality']:.2f} | "
               f"{test['mAP']:.4f} | {mi_t:.4f} / {mi_h:.4f} | {ma_t:.4f} / {ma_h:.4f} | {test['subset_accuracy']:.4f} | "
               f"{(rare['ap'] or float('nan')):.3f} ({rare['support']}) | {ours:.2f} / {rand:.2f} | {seconds:.0f} |")
-    print(json.dumps({"mode": args.mode, "n": args.n}))
+    print(json.dumps({"mode": args.mode, "n": args.n, "balance": args.balance}))
 
 
 if __name__ == "__main__":

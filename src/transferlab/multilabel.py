@@ -44,7 +44,7 @@ def _check_options(cfg: TrainConfig) -> None:
     bad = [k for k, v in refused.items() if v]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: not available for a multi-label task; a multi-label model has a "
-                          "linear sigmoid head, and each label's positives are weighted by its rarity already.")
+                          "linear sigmoid head, and --balance weights weighs each label's positives by its rarity.")
 
 
 def _split(samples: Sequence[Sample], split: str) -> list[Sample]:
@@ -79,8 +79,8 @@ def _evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[st
 def train_multilabel(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, backbone: Any, info: Any, plan: Plan,
                      use_head: bool, use_ft: bool, skipped: list[Skipped], audit_warnings: Sequence[str],
                      t_start: float, wall_start: float, deadline: float | None, resume: bool) -> RunResult:
-    """Train a multi-label classifier: the head on cached features (sigmoid outputs, binary cross-entropy,
-    positives weighted per label), then fine-tuning with the same loss when the mode asks for it and it
+    """Train a multi-label classifier: the head on cached features (sigmoid outputs, binary cross-entropy;
+    with ``--balance weights`` positives weighted per label), then fine-tuning with the same loss when the mode asks for it and it
     beats the head on validation; thresholds tuned per label on validation; metrics, report, artifact."""
     _check_options(cfg)
     history = History(run / "logs" / "history.csv", "head")
@@ -102,7 +102,7 @@ def train_multilabel(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, backbo
         stats.update(extract_s=time.perf_counter() - t0, features_computed=ext.computed, features_cached=ext.cached)
         t1 = time.perf_counter()
         fit = fit_multilabel_probe(feats[rows["train"]], y[rows["train"]], feats[rows["val"]], y[rows["val"]],
-                                   history=history)
+                                   history=history, pos_weight=pos_weights(y[rows["train"]]) if cfg.loss_weights else None)
         head = fit.head
         stats.update(head_s=time.perf_counter() - t1, epochs_run=fit.epochs_run, best_epoch=fit.best_epoch)
         results = {sp: MultiLabelResult(y[rows[sp]], _probs(head, feats[rows[sp]]), [ds.samples[i].path for i in rows[sp]])
@@ -116,7 +116,8 @@ def train_multilabel(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, backbo
         train_s, val_s = _split(ds.samples, "train"), _split(ds.samples, "val")
         ytr = _matrix(train_s, classes)
         history.phase = "finetune"
-        ft_cfg = finetune_config(cfg, plan, use_head, deadline, class_weights=pos_weights(ytr).tolist(),
+        ft_cfg = finetune_config(cfg, plan, use_head, deadline,
+                                 class_weights=pos_weights(ytr).tolist() if cfg.loss_weights else None,
                                  initial_val_loss=multilabel_nll(results["val"].probs, results["val"].y_true)
                                  if use_head and not resume and "val" in results else None, multilabel=True)
         ft = fit_finetune(model, [s.path for s in train_s], ytr.astype(np.int64).tolist(), [s.path for s in val_s],

@@ -142,6 +142,8 @@ def audit(ds: Dataset, features: np.ndarray | None = None, near_threshold: float
     if near_leaks:
         warnings.append(f"{len(near_leaks)} near-duplicate pair(s) across splits (similarity >= {near_threshold}).")
     if imbalance["ratio"] and imbalance["ratio"] >= 3:
+        advice = ("each label's threshold is tuned on validation; --balance weights also weighs a label's positives "
+                  "by its rarity." if ds.task == "multilabel" else "consider --balance weights or --balance sampler.")
         warnings.append(f"class imbalance: '{imbalance['largest']}' has {imbalance['ratio']}x the images of "
-                        f"'{imbalance['smallest']}'; consider --balance weights or --balance sampler.")
+                        f"'{imbalance['smallest']}'; {advice}")
     return AuditReport(counts, unreadable, converted, small, exact, near, imbalance, warnings)

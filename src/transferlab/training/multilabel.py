@@ -3,8 +3,9 @@
 The head is the multi-label counterpart of the probe (:func:`~transferlab.training.head.fit_probe`): one
 L2-regularised logistic regression per label (binary cross-entropy on sigmoid outputs), all labels fitted
 together by full-batch L-BFGS on standardised features, the regularisation chosen on the validation split.
-Each label's positives are weighted by its negatives-to-positives ratio, so a rare label is not drowned
-by its negatives. The decision threshold of each label is then tuned on the validation split.
+The decision threshold of each label is then tuned on the validation split, which is how a rare label's
+imbalance is met by default: weighting each label's positives by its negatives-to-positives ratio
+(``--balance weights``, :func:`pos_weights`) lowered mAP on both composite benchmarks (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -53,19 +54,20 @@ def pos_weights(y: np.ndarray) -> np.ndarray:
     return np.clip(np.where(pos > 0, w, 1.0), 1.0, MAX_POS_WEIGHT).astype(np.float32)
 
 
-def _bce(logits: torch.Tensor, y: torch.Tensor, pw: torch.Tensor) -> torch.Tensor:
+def _bce(logits: torch.Tensor, y: torch.Tensor, pw: torch.Tensor | None) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pw)
 
 
 def fit_multilabel_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                          cs: Sequence[float] = PROBE_CS, history: History | None = None,
-                         max_iter: int = 200) -> HeadResult:
+                         max_iter: int = 200, pos_weight: np.ndarray | None = None) -> HeadResult:
     """A linear multi-label head (``Standardize -> Linear``, sigmoid outputs) fitted by L-BFGS.
 
     The inverse regularisation strengths ``cs`` are the single-label probe's, in scikit-learn's terms
     (an L2 penalty of ``1 / (2 C n)`` on the mean loss over ``n`` images). Each is fitted from the
     strongest penalty to the weakest, warm-started; the one with the lowest weighted binary cross-entropy
-    on the validation split is kept (the middle one without validation).
+    on the validation split is kept (the middle one without validation). ``pos_weight``: per label, how much
+    a positive image counts against a negative one (default 1).
 
     Example:
         >>> result = fit_multilabel_probe(xtr, ytr, xva, yva)  # doctest: +SKIP
@@ -80,7 +82,7 @@ def fit_multilabel_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.nda
         xva = std(torch.from_numpy(np.ascontiguousarray(val_x, dtype=np.float32)))
     ytr = torch.from_numpy(np.asarray(train_y, np.float32))
     yva = torch.from_numpy(np.asarray(val_y, np.float32))
-    pw = torch.from_numpy(pos_weights(np.asarray(train_y)))
+    pw = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
     prior = (ytr.mean(0).clamp(1e-3, 1 - 1e-3))
     w = torch.zeros(train_y.shape[1], xtr.shape[1], requires_grad=True)
     b = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
