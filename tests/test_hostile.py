@@ -10,9 +10,11 @@ import pickle
 import shutil
 import signal
 import subprocess
+import struct
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,17 @@ def test_data_check_reports_cross_split_duplicate_and_near_duplicate(digits_dir,
     assert "leaked_copy.png" in skipped and "--dedupe" in skipped
 
 
+def _png_declaring(width: int, height: int) -> bytes:
+    """A decompression bomb as attackers make them: a small 1-bit PNG whose header declares
+    ``width`` x ``height`` pixels (its data a few compressed rows of zeros)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (width // 8 + 1) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
 def _hostile_corpus(folder: Path, seed_img: Image.Image) -> list[Path]:
     rng = np.random.default_rng(0)
     made: list[Path] = []
@@ -92,7 +105,7 @@ def _hostile_corpus(folder: Path, seed_img: Image.Image) -> list[Path]:
         made.append(p)
     for k, (w, h) in enumerate(((100000, 100000), (60000, 60000), (20000, 30000))):
         p = folder / f"huge_{k}.png"
-        Image.new("1", (w, h)).save(p)
+        p.write_bytes(_png_declaring(w, h))
         made.append(p)
     frames = [seed_img.rotate(a) for a in (0, 90, 180)]
     for ext in ("gif", "webp"):

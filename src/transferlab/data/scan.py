@@ -89,8 +89,9 @@ def scan(source: str | os.PathLike[str], validate: bool = True, workers: int = 4
     relative to the manifest). Unreadable files are skipped with a reason.
 
     ``task``: ``auto`` (default) makes a manifest multi-label when its header says ``labels`` or a row has
-    several labels (``cat;dog``) or none (an empty field); ``multilabel`` also reads class folders where
-    one image sits in several folders (the same file content: one image with those labels).
+    several labels (``cat;dog``); an empty field is then an image with no label. ``multilabel`` also reads
+    class folders where one image sits in several folders (the same file content: one image with those
+    labels).
 
     Raises:
         DataError: no such folder, fewer than two classes, or a class with no usable image.
@@ -259,9 +260,9 @@ def _from_manifest(manifest: Path, task: str = "auto") -> tuple[list[Sample], bo
     header = [c.strip().lower() for c in rows[0]]
     if header[:1] == ["path"] and len(header) > 1 and header[1] in ("label", "labels"):
         rows = rows[1:]
+    # an empty label is "no label" only where the manifest is multi-label; in a single-label one it is an error
     multi = task == "multilabel" or (task == "auto" and (
-        header[1:2] == ["labels"] or any(len(r) > 1 and (LABEL_SEP in r[1] or not r[1].strip())
-                                         for r in rows if r and any(c.strip() for c in r))))
+        header[1:2] == ["labels"] or any(len(r) > 1 and LABEL_SEP in r[1] for r in rows)))
     for i, row in enumerate(rows, start=2):
         if not row or not any(c.strip() for c in row):
             continue

@@ -56,6 +56,9 @@ def read_predictions(run: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
                         "or `transferlab evaluate`.")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    if rows and "true_labels" in rows[0]:
+        raise DataError(f"{path} is a multi-label run's: diff compares single-label runs image by image; compare "
+                        "multi-label runs by their per-label figures in metrics.json.")
     if rows and not {"path", "true_label", "predicted_label", "probability"} <= set(rows[0]):
         raise DataError(f"{path}: expected the columns path,true_label,predicted_label,probability.")
     return {r["path"]: {"true": r["true_label"], "pred": r["predicted_label"], "prob": float(r["probability"])}
