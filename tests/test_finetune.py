@@ -60,7 +60,7 @@ def test_sigkill_then_resume_matches_uninterrupted(digits_dir, tmp_path):
 
 def test_time_limit_plans_the_epochs(digits_dir, tmp_path):
     res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=200, ft_patience=200, time_limit=60,
-                image_size=64, workers=0, quiet=True)
+                image_size=64, workers=0, quiet=True, diagnose=False)
     plan = res.metrics["plan"]
     assert plan["budget_s"] == 60 and plan["image_size"] == 64
     assert plan["epochs"] <= 8  # what is worth planning for 140 images, not the 200 allowed
@@ -109,7 +109,7 @@ def test_simple_cnn_from_scratch_and_compare_table(digits_dir, tmp_path):
     from transferlab.compare import compare
 
     rows = compare(digits_dir, ["simple_cnn", "efficientnet_lite0", "resnet50"], tmp_path / "cmp", mode="auto",
-                   ft_epochs=1, image_size=64, workers=0, quiet=True)
+                   ft_epochs=1, image_size=64, workers=0, quiet=True, diagnose=False)
     by = {r["backbone"]: r for r in rows}
     assert by["simple_cnn"]["status"] == "ok" and by["efficientnet_lite0"]["status"] == "ok"
     assert by["resnet50"]["status"] == "skipped" and "no pretrained weights" in by["resnet50"]["reason"]
@@ -132,7 +132,7 @@ def test_vgg16_seed_head_shape_at_250():
 
 
 def test_head_mode_with_cut_stage_and_aug_views(digits_dir, tmp_path):
-    res = train(digits_dir, tmp_path / "cut", mode="head", cut_stage=4, aug_views=2, augment="light", quiet=True,
+    res = train(digits_dir, tmp_path / "cut", mode="head", cut_stage=4, aug_views=2, augment="light", quiet=True, diagnose=False,
                 epochs=5, image_size=96)
     cfg = json.loads((res.model_dir / "config.json").read_text())
     assert cfg["backbone"]["cut_stage"] == 4 and cfg["head"]["in_features"] == 112

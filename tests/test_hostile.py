@@ -55,7 +55,7 @@ def test_data_check_reports_cross_split_duplicate_and_near_duplicate(digits_dir,
     assert main(["data", "check", str(root), "--json", "-q", "--cache-dir", str(tmp_path / "cache")]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["exact_duplicates"] and data["near_duplicates"] and data["counts"]["1"]["test"] == 3
-    res = train(root, tmp_path / "run", mode="head", quiet=True, dedupe=True, epochs=3, image_size=64)
+    res = train(root, tmp_path / "run", mode="head", quiet=True, diagnose=False, dedupe=True, epochs=3, image_size=64)
     assert res.metrics["n_images"]["test"] == 6
     skipped = (tmp_path / "run" / "skipped.csv").read_text()
     assert "leaked_copy.png" in skipped and "--dedupe" in skipped
@@ -141,7 +141,7 @@ def test_hostile_corpus_never_breaks_check_train_or_predict(digits_dir, tmp_path
     assert sum(rep.counts["4"].values()) == len(list((digits_dir / "4").iterdir()))
     assert sum(rep.counts["3"].values()) >= len(list((digits_dir / "3").iterdir())) + 4
     assert len(rep.unreadable) >= 83  # at least the 60 truncated, 15 empty, 5 text and 3 huge files
-    assert main(["train", str(root), "--out", str(tmp_path / "run"), "--mode", "head", "--epochs", "2",
+    assert main(["train", str(root), "--out", str(tmp_path / "run"), "--mode", "head", "--epochs", "2", "--no-diagnose",
                  "--image-size", "64", "-q", "--json"]) == 0
     out = capsys.readouterr()
     assert "Traceback" not in out.err
@@ -168,7 +168,7 @@ def test_hostile_corpus_never_breaks_check_train_or_predict(digits_dir, tmp_path
 def test_sigkill_while_saving_keeps_previous_model(digits_dir, tmp_path):
     data = _presplit_digits(digits_dir, tmp_path / "data")
     run = tmp_path / "run"
-    train(data, run, mode="head", quiet=True, epochs=2, image_size=64)
+    train(data, run, mode="head", quiet=True, diagnose=False, epochs=2, image_size=64)
     before = (run / "model" / "config.json").read_text()
     env = {**os.environ, "TRANSFERLAB_FAULT_SAVE_PAUSE_S": "60"}
     p = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "train", str(data), "--out", str(run), "--mode",
@@ -215,7 +215,7 @@ def test_cifar_import_and_train(tmp_path):
     counts = import_cifar("cifar10", str(archive), tmp_path / "cifar")
     assert counts == {"train": 60, "test": 15}
     assert sorted(p.name for p in (tmp_path / "cifar" / "train").iterdir()) == ["airplane", "automobile", "bird"]
-    res = train(tmp_path / "cifar", tmp_path / "run", mode="head", quiet=True, image_size=64)
+    res = train(tmp_path / "cifar", tmp_path / "run", mode="head", quiet=True, diagnose=False, image_size=64)
     assert res.metrics["n_images"]["test"] == 15 and res.metrics["test"]["accuracy"] > 0.6
 
 
@@ -244,7 +244,7 @@ def test_import_csv_and_train_from_manifest(digits_dir, tmp_path, capsys):
         csv.writer(fh).writerows(rows)
     assert main(["data", "import", "csv", str(manifest), "--out", str(tmp_path / "imported")]) == 0
     assert len(list((tmp_path / "imported" / "train" / "5").iterdir())) == 6
-    res = train(manifest, tmp_path / "run", mode="head", quiet=True, epochs=2, image_size=64)
+    res = train(manifest, tmp_path / "run", mode="head", quiet=True, diagnose=False, epochs=2, image_size=64)
     assert res.metrics["n_images"] == {"train": 12, "val": 4, "test": 4}
     assert main(["data", "split", str(tmp_path / "imported"), "--out", str(tmp_path / "s.csv")]) == 0
     assert len(list(csv.DictReader(open(tmp_path / "s.csv")))) == 20
@@ -278,7 +278,7 @@ def test_thin_eps_and_16bit_tiff_through_train_and_predict(digits_dir, tmp_path)
     assert decode(tiff)[0].size == (1500, 1500)
     # the transform itself resizes only the crop it keeps, whatever reaches it
     assert tuple(EvalTransform(Preprocessing(224))(Image.new("RGB", (5, 400_000))).shape) == (3, 224, 224)
-    res = train(root, tmp_path / "run", mode="head", quiet=True, epochs=2, image_size=64)
+    res = train(root, tmp_path / "run", mode="head", quiet=True, diagnose=False, epochs=2, image_size=64)
     skipped = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(open(tmp_path / "run" / "skipped.csv"))}
     assert "aspect ratio" in skipped["thin.png"] and "not an image in a supported format" in skipped["eps_as.jpg"]
     assert tiff.name not in skipped and res.metrics["n_images"]["train"] > 0
@@ -311,7 +311,7 @@ def test_traversal_labels_never_write_outside_out(digits_dir, tmp_path):
     assert main(["data", "import", "csv", str(manifest), "--out", str(work / "imported")]) == 2
     assert _listing(tmp_path) == before
     with pytest.raises(DataError, match="line 4"):
-        train(manifest, tmp_path / "run", mode="head", quiet=True)
+        train(manifest, tmp_path / "run", mode="head", quiet=True, diagnose=False)
 
 
 def test_cifar_labels_out_of_range_and_member_bombs(tmp_path, monkeypatch):
@@ -353,11 +353,11 @@ def test_train_never_clobbers_and_resume_reads_its_own_checkpoint(digits_dir, tm
     assert main(["train", *common]) == 2
     assert "already holds a transferlab run" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--overwrite"):
-        train(data, run, mode="head", quiet=True)
+        train(data, run, mode="head", quiet=True, diagnose=False)
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="already holds files"):
-        train(data, tmp_path / "plain", mode="head", quiet=True)
+        train(data, tmp_path / "plain", mode="head", quiet=True, diagnose=False)
     assert main(["train", *common, "--overwrite", "--seed", "3"]) == 0
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["last.ckpt"] and (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns != first
@@ -376,7 +376,7 @@ def test_report_failure_keeps_a_loadable_model_and_files_follow_the_umask(digits
 
     monkeypatch.setattr(pipeline, "report_sections", broken)
     with pytest.raises(OSError):
-        train(data, tmp_path / "run", mode="head", quiet=True, epochs=2, image_size=64)
+        train(data, tmp_path / "run", mode="head", quiet=True, diagnose=False, epochs=2, image_size=64)
     model = load_model(tmp_path / "run" / "model")
     assert model.predict([str(next((data / "test" / "1").iterdir()))])[0].error is None
     old = os.umask(0o022)

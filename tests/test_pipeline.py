@@ -46,11 +46,11 @@ def test_run_directory_and_metrics_keys(trained_run):
 
 def test_second_run_hits_cache_without_forward(digits_dir, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    first = train(digits_dir, tmp_path / "r1", mode="head", quiet=True, cache_dir=str(cache), epochs=3)
+    first = train(digits_dir, tmp_path / "r1", mode="head", quiet=True, diagnose=False, cache_dir=str(cache), epochs=3)
     calls = []
     original = FeatureExtractor.forward
     monkeypatch.setattr(FeatureExtractor, "forward", lambda self, b: calls.append(len(b)) or original(self, b))
-    second = train(digits_dir, tmp_path / "r2", mode="head", quiet=True, cache_dir=str(cache), epochs=3)
+    second = train(digits_dir, tmp_path / "r2", mode="head", quiet=True, diagnose=False, cache_dir=str(cache), epochs=3)
     assert calls == []
     t1, t2 = first.metrics["timing"], second.metrics["timing"]
     assert t2["features_computed"] == 0 and t2["features_cached"] == 200
@@ -102,8 +102,8 @@ def test_bad_files_are_reported_with_or_without_a_cache(digits_dir, tmp_path, ca
 
 
 def test_same_seed_same_metrics(digits_dir, tmp_path):
-    a = train(digits_dir, tmp_path / "a", mode="head", quiet=True, epochs=5, seed=7)
-    b = train(digits_dir, tmp_path / "b", mode="head", quiet=True, epochs=5, seed=7)
+    a = train(digits_dir, tmp_path / "a", mode="head", quiet=True, diagnose=False, epochs=5, seed=7)
+    b = train(digits_dir, tmp_path / "b", mode="head", quiet=True, diagnose=False, epochs=5, seed=7)
     assert (tmp_path / "a" / "split.csv").read_text() == (tmp_path / "b" / "split.csv").read_text()
     assert a.metrics["test"]["accuracy"] == b.metrics["test"]["accuracy"]
     assert a.metrics["val"]["confusion_matrix"] == b.metrics["val"]["confusion_matrix"]
@@ -171,7 +171,7 @@ def test_presplit_layout_is_used_exactly(tmp_path):
             (root / split / label_dir.name).mkdir(parents=True)
             for f in chunk:
                 shutil.copy(f, root / split / label_dir.name / f.name)
-    res = train(root, tmp_path / "run", mode="head", quiet=True, epochs=3)
+    res = train(root, tmp_path / "run", mode="head", quiet=True, diagnose=False, epochs=3)
     rows = list(csv.DictReader(open(tmp_path / "run" / "split.csv")))
     assert len(rows) == 100
     for r in rows:
@@ -187,7 +187,7 @@ def test_evaluate_command_writes_outputs(trained_run, digits_dir, tmp_path):
 
 
 def test_mlp_head_and_class_weights(digits_dir, tmp_path):
-    res = train(digits_dir, tmp_path / "mlp", mode="head", quiet=True, epochs=3, head=(64, 32), dropout=0.2,
+    res = train(digits_dir, tmp_path / "mlp", mode="head", quiet=True, diagnose=False, epochs=3, head=(64, 32), dropout=0.2,
                 class_weights="balanced", diagnose=False)
     assert "learning_curve" not in res.metrics and not (tmp_path / "mlp" / "label_issues.csv").exists()
     cfg = json.loads((res.model_dir / "config.json").read_text())
@@ -198,7 +198,7 @@ def test_mlp_head_and_class_weights(digits_dir, tmp_path):
 def test_cache_cli_info_and_clear(tmp_path, digits_dir, capsys):
     from transferlab.cli import main
 
-    train(digits_dir, tmp_path / "r", mode="head", quiet=True, epochs=2, cache_dir=str(tmp_path / "c"))
+    train(digits_dir, tmp_path / "r", mode="head", quiet=True, diagnose=False, epochs=2, cache_dir=str(tmp_path / "c"))
     assert main(["cache", "info", "--cache-dir", str(tmp_path / "c"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["namespaces"][0]["entries"] == 200

@@ -25,7 +25,7 @@ def test_report_has_every_section(trained_run):
 
 
 def test_binary_report_has_roc_pr_and_threshold(photos_dir, tmp_path):
-    res = train(photos_dir, tmp_path / "bin", mode="head", quiet=True, image_size=96)
+    res = train(photos_dir, tmp_path / "bin", mode="head", quiet=True, diagnose=False, image_size=96)
     html = (tmp_path / "bin" / "report.html").read_text()
     assert ">ROC and precision-recall<" in html
     assert "suggested_threshold" in res.metrics["binary"] and 0 <= res.metrics["binary"]["roc_auc"] <= 1

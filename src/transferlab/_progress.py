@@ -6,6 +6,8 @@ import contextlib
 from typing import Iterator
 
 from rich.console import Console
+
+from .events import emit
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
@@ -15,22 +17,27 @@ console = Console(stderr=True)
 
 
 class _Bar:
-    def __init__(self, progress: Progress | None, task: int | None) -> None:
+    def __init__(self, progress: Progress | None, task: int | None, description: str = "", total: int = 0) -> None:
         self._p, self._t = progress, task
+        self.description, self.total, self.done = description, total, 0
 
     def advance(self, n: int = 1) -> None:
+        self.done += n
+        emit("progress", every_s=0 if self.done >= self.total else 0.25, task=self.description, done=self.done,
+             total=self.total)
         if self._p is not None and self._t is not None:
             self._p.advance(self._t, n)
 
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, quiet: bool = False) -> Iterator[_Bar]:
-    """A progress bar on stderr with count, elapsed and remaining time; a no-op when ``quiet`` or total is 0."""
+    """A progress bar on stderr with count, elapsed and remaining time; a no-op when ``quiet`` or total is 0.
+    Progress also goes to the events file when one is set (:mod:`transferlab.events`), quiet or not."""
     if quiet or total <= 0:
-        yield _Bar(None, None)
+        yield _Bar(None, None, description, total)
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as p:
         task = p.add_task(description, total=total)
-        yield _Bar(p, task)
+        yield _Bar(p, task, description, total)

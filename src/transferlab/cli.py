@@ -413,6 +413,19 @@ def summary(model: Path = typer.Argument(..., help="Model directory."), as_json:
 
 
 @app.command()
+def studio(project: Path = typer.Argument(Path("."), help="Project folder (created if missing): data/<class>/ and runs/."),
+           host: str = typer.Option("127.0.0.1", "--host", help="Beyond loopback an --api-key is required."),
+           port: int = typer.Option(8000, "--port"),
+           api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TRANSFERLAB_API_KEY",
+                                                 help="Key the page asks for (and API clients send as Bearer).")) -> None:
+    """The whole job in a browser page: classes, pictures (files, folders, webcam), training, results, export."""
+    from .studio import run_studio
+
+    out.print(f"transferlab studio: open http://{host}:{port}/ in a browser (project {esc(str(project.resolve()))})")
+    run_studio(project, host=host, port=port, api_key=api_key)
+
+
+@app.command()
 def serve(model: Path = typer.Argument(..., help="Model directory or exported .onnx file."),
           host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 exposes the service to the network."),
           port: int = typer.Option(8000, "--port"), workers: int = typer.Option(1, "--workers"),

@@ -31,6 +31,7 @@ from .evaluation.calibration import apply_temperature, calibrated_nll, expected_
 from .evaluation.metrics import classification_metrics, softmax
 from .evaluation.outputs import SplitResult, write_run_outputs
 from .evaluation.sections import report_sections
+from .events import emit
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor, default_workers
 from .planning import plan_finetune, plan_run
@@ -430,6 +431,7 @@ def finetune_config(cfg: TrainConfig, plan: Plan, use_head: bool, deadline: floa
 
 def _announce(plan: Plan, run: Path) -> None:
     """Print the plan and keep it in the run directory (``plan.json``; ``metrics.json`` has it too)."""
+    emit("plan", lines=plan.describe(), estimate_s=plan.estimate.get("total"), budget_s=plan.budget_s)
     for line in plan.describe():
         log.info(line)
     write_json(run / "plan.json", plan.to_dict())

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from .._io import write_text
+from ..events import emit
 
 __all__ = ["History", "BestWeights", "MustPay", "HISTORY_FIELDS"]
 
@@ -39,6 +40,12 @@ class History(L.Callback):
 
         self._t0 = time.perf_counter()
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        emit("step", every_s=0.5, phase=self.phase, epoch=trainer.current_epoch + 1, batch=batch_idx + 1,
+             batches=trainer.num_training_batches, global_step=trainer.global_step,
+             max_steps=trainer.estimated_stepping_batches)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import time
 
@@ -55,7 +62,9 @@ class History(L.Callback):
             self.write()
 
     def write(self) -> None:
-        """Write the rows collected so far (atomically)."""
+        """Write the rows collected so far (atomically); they are an event for a watcher too."""
+        emit("history", rows=[{k: None if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k)
+                               for k in HISTORY_FIELDS} for r in self.rows])
         if self.path is None:
             return
         buf = io.StringIO()
