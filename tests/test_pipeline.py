@@ -187,7 +187,7 @@ def test_evaluate_command_writes_outputs(trained_run, digits_dir, tmp_path):
 
 
 def test_mlp_head_and_class_weights(digits_dir, tmp_path):
-    res = train(digits_dir, tmp_path / "mlp", mode="head", quiet=True, diagnose=False, epochs=3, head=(64, 32), dropout=0.2,
+    res = train(digits_dir, tmp_path / "mlp", mode="head", quiet=True, epochs=3, head=(64, 32), dropout=0.2,
                 class_weights="balanced", diagnose=False)
     assert "learning_curve" not in res.metrics and not (tmp_path / "mlp" / "label_issues.csv").exists()
     cfg = json.loads((res.model_dir / "config.json").read_text())
