@@ -133,3 +133,12 @@ def test_bf16_features_match_fp32(sample_images):
     b = FeatureExtractor(bb, info, mixed_precision=True, quiet=True).extract(paths).features
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() > 0.99
+
+
+def test_backbones_table_in_a_pipe_shows_whole_names(capsys):
+    """A pipe or a file has no width: names are never cut to 'efficien…'."""
+    from transferlab.cli import main
+
+    assert main(["backbones"]) == 0
+    printed = capsys.readouterr().out
+    assert "tf_efficientnet_lite0" in printed and "efficientnet_lite2" in printed and "…" not in printed

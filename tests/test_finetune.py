@@ -94,8 +94,10 @@ def _free_port() -> int:
 
 def test_ddp_two_cpu_processes(digits_dir, tmp_path):
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    # with a time limit: the deadline callback's decision is broadcast from rank 0 every step, so both ranks end
     p = _cli("train", str(digits_dir), "--out", str(tmp_path / "ddp"), "--mode", "finetune", "--ft-epochs", "1",
-             "--freeze-epochs", "1", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", *FAST, env=env)
+             "--freeze-epochs", "1", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
+             "--time-limit", "10m", *FAST, env=env)
     assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert m["test"]["accuracy"] is not None
@@ -179,3 +181,55 @@ def test_stride4_stages_stay_frozen_in_finetuning():
     cb._apply(1)
     assert not any(p.requires_grad for s in stages[:3] for p in s)
     assert all(p.requires_grad for s in stages[3:] for p in s)
+
+
+def test_deadline_follows_rank_zero_so_ranks_never_disagree():
+    """Under DDP a rank whose own clock says stop (or go on) does what rank 0 decided: a rank that stopped
+    alone would leave the other waiting in a collective forever."""
+    import time as _time
+
+    from transferlab.training.finetune import Deadline
+
+    class Strategy:
+        def __init__(self, root: bool) -> None:
+            self.root, self.calls = root, 0
+
+        def broadcast(self, obj, src=0):
+            self.calls += 1
+            return self.root
+
+    class Trainer:
+        def __init__(self, world_size: int, root: bool) -> None:
+            self.world_size, self.should_stop, self.strategy = world_size, False, Strategy(root)
+
+    late = Trainer(2, root=False)  # this rank is past the deadline, rank 0 is not
+    Deadline(_time.time() - 1)._check(late)
+    assert late.should_stop is False and late.strategy.calls == 1
+    early = Trainer(2, root=True)  # rank 0 says stop, this rank's clock says go on
+    Deadline(_time.time() + 1000)._check(early)
+    assert early.should_stop is True
+    alone = Trainer(1, root=False)  # one process: its own clock, no collective
+    Deadline(_time.time() - 1)._check(alone)
+    assert alone.should_stop is True and alone.strategy.calls == 0
+
+
+def test_a_batch_whose_every_file_fails_to_decode_is_skipped(digits_dir, tmp_path):
+    """Files can vanish or break after the scan: a fine-tuning batch with no readable file is skipped."""
+    from transferlab.backbones import create_backbone
+    from transferlab.backbones.models import Classifier, build_head
+    from transferlab.training.callbacks import History
+    from transferlab.training.finetune import FinetuneConfig, fit_finetune
+
+    bb, info = create_backbone("simple_cnn", pretrained=False, image_size=32)
+    model = Classifier(bb, build_head(info.num_features, 2), info.preprocessing)
+    good = [str(sorted((digits_dir / c).iterdir())[0]) for c in ("0", "1")]
+    bad = []
+    for i in range(6):
+        p = tmp_path / f"gone_{i}.png"
+        p.write_text("no longer an image")
+        bad.append(str(p))
+    paths, labels = good + bad, [0, 1] + [i % 2 for i in range(6)]  # 4 batches of 2: at least 2 all bad
+    cfg = FinetuneConfig(epochs=1, freeze_epochs=0, batch_size=2, workers=0, quiet=True, ema=False, patience=5)
+    res = fit_finetune(model, paths, labels, good, [0, 1], cfg, tmp_path / "run", History(None, "finetune"),
+                       pretrained=False)
+    assert res.epochs_run == 1 and res.validations

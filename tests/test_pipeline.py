@@ -180,7 +180,7 @@ def test_presplit_layout_is_used_exactly(tmp_path):
 
 
 def test_evaluate_command_writes_outputs(trained_run, digits_dir, tmp_path):
-    m = evaluate(trained_run.model_dir, digits_dir, tmp_path / "ev", quiet=True)
+    m = evaluate(trained_run.model_dir, digits_dir, tmp_path / "ev")
     assert m["test"]["n"] == 200
     for name in ("metrics.json", "report.html", "predictions.csv", "confusion_matrix.png"):
         assert (tmp_path / "ev" / name).is_file()

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape as esc
 from rich.table import Table
 
-from .cli_common import csv_ints, print_json, setup_logging, err, out
+from .cli_common import csv_ints, print_json, setup_logging, err, out, whole_names
 from .cli_data import cache_app, data_app
 from .errors import TransferlabError
 
@@ -76,7 +76,7 @@ def backbones(offline: bool = typer.Option(False, "--offline", help="Only backbo
     for r in rows:
         table.add_row(r.name, r.timm_name, f"{r.params_m:.2f}", str(r.input_size),
                       f"{r.imagenet_top1:.2f}" if r.imagenet_top1 else "—", "yes" if r.offline else "no", r.source)
-    out.print(table)
+    out.print(whole_names(table, 0))
     out.print("Any timm model name also works as --backbone (weights from the cache, or --allow-download).")
 
 
@@ -217,7 +217,7 @@ def evaluate_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/mo
     from .evaluate import evaluate
 
     setup_logging(quiet)
-    metrics = evaluate(model, data, out_dir, split=split, quiet=quiet)
+    metrics = evaluate(model, data, out_dir, split=split)
     if as_json:
         print_json(metrics)
     else:
@@ -318,7 +318,7 @@ def compare_cmd(data: Path = typer.Argument(..., help="Labelled folder or manife
             table.add_row(r["backbone"], "ok", f"{r['accuracy']:.4f} ({r['accuracy_ci']})",
                           "best" if p is None else f"{p:.3g}", f"{r['macro_f1']:.4f}", str(r["train_s"]),
                           str(r["latency_ms"]), str(r["params_m"]), str(r["artifact_mb"]))
-    out.print(table)
+    out.print(whole_names(table, 0))
     out.print("p vs best: McNemar's exact test on the same test images; above 0.05 the difference from the best "
               "may be chance.")
     out.print(f"wrote {out_dir}/compare.csv and {out_dir}/compare.html")

@@ -10,10 +10,12 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
 
-__all__ = ["out", "err", "setup_logging", "print_json", "csv_ints"]
+__all__ = ["out", "err", "setup_logging", "print_json", "csv_ints", "whole_names"]
 
-out = Console()
+#: A pipe or a file has no width: tables there are as wide as their content (up to 200 columns), not 80.
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 
@@ -37,3 +39,15 @@ def csv_ints(text: Optional[str]) -> tuple[int, ...]:
         raise typer.BadParameter(f"expected comma-separated integers such as 1024,1024, got {text!r}") from None
 
 
+
+
+def whole_names(table: Table, *columns: int) -> Table:
+    """Never cut the names in ``columns`` (an 80-column terminal or a pipe would end them in '…'): they
+    keep their longest cell's width and the other columns wrap instead."""
+    for i, col in enumerate(table.columns):
+        if i in columns:
+            col.no_wrap, col.overflow = True, "ignore"
+            col.min_width = max([len(str(c)) for c in col._cells] + [len(str(col.header))])
+        else:
+            col.overflow = "fold"
+    return table

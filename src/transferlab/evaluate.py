@@ -19,7 +19,7 @@ __all__ = ["evaluate"]
 
 
 def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
-             *, split: str | None = None, quiet: bool = False, workers: int | None = None) -> dict[str, Any]:
+             *, split: str | None = None, workers: int | None = None) -> dict[str, Any]:
     """Evaluate a saved model on a labelled folder (every image, or only ``split`` of a pre-split one)
     and write metrics.json, plots, predictions.csv and report.html into ``out``."""
     predictor = load_model(model, engine="torch")  # the report needs the network (Grad-CAM)

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["pick_device", "cpu_has_bf16", "autocast", "prepare_model", "set_threads", "to_device_batch",
+__all__ = ["pick_device", "cpu_has_bf16", "autocast", "prepare_model", "to_device_batch",
            "keep_freed_memory"]
 
 
@@ -85,17 +85,6 @@ def prepare_model(model: torch.nn.Module, device: torch.device, keep_memory: boo
 def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A uint8 NCHW batch on ``device`` in channels_last layout."""
     return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-
-
-def set_threads(n: int | None = None) -> int:
-    """Use ``n`` intra-op threads (default: the cores this process may use); returns the count."""
-    if n is None:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except AttributeError:
-            n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
-    return torch.get_num_threads()
 
 
 @contextlib.contextmanager

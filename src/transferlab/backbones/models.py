@@ -7,7 +7,7 @@ pixels, so exported models and the service need no separate normalisation step.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import timm
@@ -188,7 +188,6 @@ class BackboneInfo:
     cut_stage: int | None
     num_features: int
     stages: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (stored in the artifact's config)."""

@@ -225,7 +225,10 @@ class Deadline(L.Callback):
 
     def _check(self, trainer: L.Trainer, extra: float = 0.0) -> None:
         reserve = self.margin_s + self.eval_factor * self.val_s + extra
-        if time.time() + reserve >= self.deadline:
+        stop = time.time() + reserve >= self.deadline
+        if trainer.world_size > 1:  # every rank follows rank 0's clock (as Lightning's Timer): none waits alone
+            stop = bool(trainer.strategy.broadcast(stop, src=0))
+        if stop:
             trainer.should_stop = True
             self.triggered = True
 
@@ -289,10 +292,14 @@ def _collate_xy(items):
 
 
 class _FinetuneModule(ClassifierModule):
-    def _step(self, batch, stage: str):
-        if batch[0].numel() == 0:  # every file of the batch failed to decode
-            return None
-        return super()._step(batch, stage)
+    """Skips a batch whose every file failed to decode (Lightning skips a step that returns ``None``)."""
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        return None if batch[0].numel() == 0 else super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if batch[0].numel():
+            super().validation_step(batch, batch_idx)
 
 
 def precision_for(accelerator: str, mixed_precision: bool) -> str:
