@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_json", "write_text", "file_digest", "fsync_path", "umask_mode"]
+__all__ = ["atomic_path", "write_json", "write_text", "file_digest", "fsync_path", "umask_mode", "transferlab_home"]
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
@@ -99,3 +99,13 @@ def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         _DIGESTS.clear()
     _DIGESTS[key] = h.hexdigest()
     return _DIGESTS[key]
+
+
+def transferlab_home() -> Path:
+    """``$TRANSFERLAB_HOME``, default ``$XDG_CACHE_HOME/transferlab`` (``~/.cache/transferlab``): weights,
+    the feature cache and downloads live under it."""
+    env = os.environ.get("TRANSFERLAB_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "transferlab"

@@ -29,7 +29,8 @@ from .planning import plan_finetune
 from .predict import Predictor
 from .training.callbacks import History
 from .training.finetune import fit_finetune
-from .training.multilabel import fit_multilabel_probe, label_matrix, pos_weights, sigmoid, tune_thresholds
+from .probability import sigmoid
+from .training.multilabel import fit_multilabel_probe, label_matrix, pos_weights, tune_thresholds
 from .training.plan import Plan
 
 __all__ = ["train_multilabel", "evaluate_multilabel"]

@@ -27,8 +27,9 @@ from .data.scan import TASKS, Dataset, Sample, Skipped, scan
 from .data.split import split_dataset, write_skipped_csv, write_split_csv
 from .data.transforms import AUGMENT_PRESETS, TrainTransform
 from .errors import ConfigError, DataError
-from .evaluation.calibration import apply_temperature, calibrated_nll, expected_calibration_error, fit_temperature
-from .evaluation.metrics import classification_metrics, softmax
+from .evaluation.calibration import expected_calibration_error
+from .evaluation.metrics import classification_metrics
+from .probability import apply_temperature, calibrated_nll, fit_temperature, softmax
 from .evaluation.outputs import SplitResult, write_run_outputs
 from .evaluation.sections import report_sections
 from .events import emit

@@ -18,8 +18,7 @@ from .backbones.models import Classifier
 from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
 from .data.transforms import EvalTransform, Preprocessing
-from .evaluation.metrics import softmax
-from .training.multilabel import sigmoid
+from .probability import sigmoid, softmax
 from .runtime import FrozenGraph, autocast, cpu_has_bf16, pick_device, prepare_model, to_device_batch
 
 __all__ = ["Predictor", "OnnxPredictor", "Prediction", "load_model", "expand_paths", "checked_onnx_export",

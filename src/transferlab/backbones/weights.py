@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_path, file_digest
+from .._io import atomic_path, file_digest, transferlab_home
 from ..errors import WeightsError
 from .registry import BackboneSpec
 
@@ -39,15 +39,6 @@ class WeightsSource:
     origin: str
     path: Path | None
     digest: str
-
-
-def transferlab_home() -> Path:
-    """``$TRANSFERLAB_HOME``, default ``$XDG_CACHE_HOME/transferlab`` (``~/.cache/transferlab``)."""
-    env = os.environ.get("TRANSFERLAB_HOME")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "transferlab"
 
 
 def weights_dir() -> Path:

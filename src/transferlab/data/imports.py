@@ -64,7 +64,7 @@ def _fetch(kind: str, source: str | None, allow_download: bool) -> Path:
                         f"allow the download of {CIFAR_URLS[kind]} with --allow-download.")
     import urllib.request
 
-    from ..backbones.weights import transferlab_home
+    from .._io import transferlab_home
 
     dest = transferlab_home() / "downloads" / Path(CIFAR_URLS[kind]).name
     if not dest.exists():

@@ -7,17 +7,10 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+from ..probability import softmax
 from .stats import as_list as _ci, bootstrap_f1, wilson_interval
 
 __all__ = ["classification_metrics", "top_k_accuracy", "most_confused", "softmax"]
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` (float64 for stability)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:

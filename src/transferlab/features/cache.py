@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .._io import atomic_path, write_json
-from ..backbones.weights import transferlab_home
+from .._io import transferlab_home
 
 log = logging.getLogger("transferlab")
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..evaluation.calibration import calibrated_nll, multilabel_nll
+from ..probability import calibrated_nll, multilabel_nll
 
 __all__ = ["ClassifierModule", "cosine_with_warmup"]
 

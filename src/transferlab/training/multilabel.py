@@ -22,18 +22,12 @@ from ..backbones.models import build_head
 from .callbacks import History
 from .head import PROBE_CS, HeadResult
 
-__all__ = ["fit_multilabel_probe", "label_matrix", "pos_weights", "tune_thresholds", "sigmoid", "MAX_POS_WEIGHT"]
+__all__ = ["fit_multilabel_probe", "label_matrix", "pos_weights", "tune_thresholds", "MAX_POS_WEIGHT"]
 
 log = logging.getLogger("transferlab")
 
 #: The most a positive image of a rare label counts, relative to a negative one.
 MAX_POS_WEIGHT = 50.0
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Element-wise logistic function (float64, stable for large magnitudes)."""
-    z = np.asarray(logits, dtype=np.float64)
-    return np.where(z >= 0, 1 / (1 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1 + np.exp(-np.abs(z))))
 
 
 def label_matrix(labels: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
