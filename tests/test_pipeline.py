@@ -188,7 +188,7 @@ def test_evaluate_command_writes_outputs(trained_run, digits_dir, tmp_path):
 
 def test_mlp_head_and_class_weights(digits_dir, tmp_path):
     res = train(digits_dir, tmp_path / "mlp", mode="head", quiet=True, epochs=3, head=(64, 32), dropout=0.2,
-                class_weights="balanced", diagnose=False)
+                balance="weights", diagnose=False)
     assert "learning_curve" not in res.metrics and not (tmp_path / "mlp" / "label_issues.csv").exists()
     cfg = json.loads((res.model_dir / "config.json").read_text())
     assert cfg["head"]["hidden"] == [64, 32]
@@ -238,3 +238,19 @@ def test_temperature_scaling_never_changes_argmax_and_is_stored(trained_run):
     cfg = json.loads((trained_run.model_dir / "config.json").read_text())
     assert cfg["calibration"]["temperature"] == m["calibration"]["temperature"] > 0
     assert {"val_ece_before", "val_ece_after"} <= set(m["calibration"])
+
+
+def test_options_a_run_will_not_use_are_named():
+    from transferlab.pipeline import TrainConfig
+
+    assert TrainConfig().ignored() == [] and TrainConfig(mode="finetune", freeze_epochs=3).ignored() == []
+    said = TrainConfig(aug_views=2, augment="none", freeze_epochs=3).ignored()
+    assert any("--aug-views 2 with --augment none" in s for s in said) and any("--freeze-epochs 3" in s for s in said)
+
+
+def test_resume_names_the_options_it_ignores(tmp_path, capsys):
+    from transferlab.cli import main
+
+    assert main(["train", "--resume", str(tmp_path / "nope"), "--epochs", "5", "--backbone", "vgg16", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "ignored with --resume" in err and "--epochs" in err and "--backbone" in err and "-q" not in err

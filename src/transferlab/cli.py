@@ -119,6 +119,7 @@ def parse_duration(text: Optional[str]) -> Optional[float]:
 
 @app.command("train")
 def train_cmd(
+    ctx: typer.Context,
     data: Optional[Path] = typer.Argument(None, help="Class folders, train/val/test folders, or a CSV manifest."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<date>-<time>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
@@ -145,8 +146,8 @@ def train_cmd(
                                       "finer stay frozen when fine-tuning (0: train them too)."),
     augment: str = typer.Option("light", "--augment", help="none, light or strong (fine-tuning)."),
     aug_views: int = typer.Option(0, "--aug-views", help="Head mode: cache K augmented views per training image."),
-    balance: str = typer.Option("none", "--balance", help="none, weights or sampler (class imbalance)."),
-    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (same as --balance weights)."),
+    balance: str = typer.Option("none", "--balance", help="none, weights (loss weighted by inverse class "
+                                "frequency) or sampler (classes drawn evenly)."),
     label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Head phase; fine-tuning uses 0.1."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient norm clip in fine-tuning (0: off)."),
@@ -182,7 +183,7 @@ def train_cmd(
                    lr=lr, batch_size=batch_size, patience=patience, ft_epochs=ft_epochs, ft_lr=ft_lr,
                    ft_batch_size=ft_batch_size, ft_patience=ft_patience, freeze_epochs=freeze_epochs,
                    unfreeze=unfreeze, frozen_stride=frozen_stride, augment=augment, aug_views=aug_views, balance=balance,
-                   class_weights=class_weights, label_smoothing=label_smoothing, weight_decay=weight_decay,
+                   label_smoothing=label_smoothing, weight_decay=weight_decay,
                    grad_clip=grad_clip or None, time_limit=parse_duration(time_limit), seed=seed, val=val, test=test,
                    cut_stage=cut_stage, image_size=image_size, pretrained=not no_pretrained,
                    weights=str(weights) if weights else None, allow_download=allow_download or None,
@@ -191,6 +192,14 @@ def train_cmd(
                    mixed_precision=not no_amp, quiet=quiet or as_json, dedupe=dedupe,
                    diagnose=diagnose, task=task)
     if resume is not None:
+        import click
+
+        kept = {"resume", "time_limit", "quiet", "as_json"}  # what --resume takes; the run keeps its own options
+        given = [p.opts[0] for p in ctx.command.params if p.name not in kept and
+                 ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+        if given:
+            err.print(f"[yellow]warning[/]: ignored with --resume (the run keeps its own data and options): "
+                      f"{esc(', '.join(given))}")
         overrides = {"quiet": quiet or as_json}
         if time_limit is not None:
             overrides["time_limit"] = parse_duration(time_limit)

@@ -68,7 +68,8 @@ class TrainConfig:
         phase (extraction picks its own batch size, see :class:`FeatureExtractor`).
     ft_epochs / ft_lr / ft_patience / ft_batch_size: the fine-tuning phase.
     augment: ``none|light|strong`` for fine-tuning; aug_views: augmented views cached per image (head).
-    balance: ``none|weights|sampler`` against class imbalance (``class_weights='balanced'`` = weights).
+    balance: ``none|weights|sampler`` against class imbalance (the loss weighted by inverse class
+        frequency, or a sampler that draws the classes evenly).
     time_limit: seconds for the whole run; training stops in time to evaluate and save.
     diagnose: after the head phase, search the training split for label issues and compute the learning
         curve on the cached features (``label_issues.csv``/``.html``, report sections); up to 5,000 images.
@@ -93,7 +94,6 @@ class TrainConfig:
     batch_size: int = 64
     patience: int = 10
     label_smoothing: float = 0.0
-    class_weights: str | None = None
     balance: str = "none"
     aug_views: int = 0
     ft_epochs: int = 8
@@ -131,8 +131,6 @@ class TrainConfig:
             raise ConfigError(f"task {self.task!r}: expected one of {', '.join(TASKS)}.")
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}.")
-        if self.class_weights not in (None, "none", "balanced"):
-            raise ConfigError(f"class_weights {self.class_weights!r}: expected 'balanced' or none.")
         if self.balance not in BALANCE:
             raise ConfigError(f"balance {self.balance!r}: expected one of {', '.join(BALANCE)}.")
         if self.augment not in AUGMENT_PRESETS:
@@ -154,10 +152,22 @@ class TrainConfig:
             raise ConfigError(f"time_limit={self.time_limit}: must be positive seconds (e.g. 900 for 15m).")
         return self
 
+    def ignored(self, resumed: bool = False) -> list[str]:
+        """Options set to something this run will not use, each with why (the run warns, it does not stop)."""
+        out = []
+        if self.aug_views and self.augment == "none":
+            out.append(f"--aug-views {self.aug_views} with --augment none: the cached views use the light augmentation.")
+        if self.freeze_epochs != 1 and self.mode in ("auto", "head", "knn"):
+            out.append(f"--freeze-epochs {self.freeze_epochs} is for --mode finetune: in mode {self.mode} the head "
+                       "is trained first, so fine-tuning starts unfrozen.")
+        if self.aug_views and self.mode == "finetune":
+            out.append("--aug-views is for the head on cached features: --mode finetune augments on the fly.")
+        return out
+
     @property
     def loss_weights(self) -> bool:
         """True when the loss is reweighted by inverse class frequency."""
-        return self.class_weights == "balanced" or self.balance == "weights"
+        return self.balance == "weights"
 
 
 @dataclass
@@ -344,7 +354,8 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         kept, removed = dedupe_across_splits(ds.samples, report.exact_duplicates)
         ds, skipped = replace(ds, samples=kept), skipped + removed
         report = audit(ds)
-    for w in report.warnings:
+    notes = list(report.warnings) + cfg.ignored()  # the data's problems and the options this run will not use
+    for w in notes:
         log.warning(w)
     if not any(s.split == "train" for s in ds.samples):
         raise DataError(f"no training images in '{data}' after splitting.")
@@ -372,7 +383,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         from .multilabel import train_multilabel
 
         return train_multilabel(run, data, ds, cfg, backbone, info, plan, use_head, use_ft, skipped,
-                                report.warnings, t_start, wall_start, deadline, resume)
+                                notes, t_start, wall_start, deadline, resume)
     history = History(run / "logs" / "history.csv", "head")
     stats: dict[str, Any] = {"extract_s": 0.0, "head_s": 0.0, "features_computed": 0, "features_cached": 0}
     results: dict[str, SplitResult] = {}
@@ -408,7 +419,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
             results = _evaluate_files(model, ds, cfg)
     ft_s = time.perf_counter() - t_ft if use_ft else 0.0
     return _finish(run, data, ds, cfg, info, model, results, history, skipped, stats, ft, ft_s, t_start,
-                   report.warnings, plan)
+                   notes, plan)
 
 
 def finetune_config(cfg: TrainConfig, plan: Plan, use_head: bool, deadline: float | None, *,
