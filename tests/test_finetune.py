@@ -166,7 +166,8 @@ def test_time_limit_parsing():
 def test_stride4_stages_stay_frozen_in_finetuning():
     import timm
 
-    from transferlab.training.finetune import StageUnfreeze, backbone_stages, early_stages
+    from transferlab.training.callbacks import StageUnfreeze
+    from transferlab.training.finetune import backbone_stages, early_stages
 
     bb, _ = create_backbone("efficientnet_lite0", pretrained=False)
     stages = backbone_stages(bb)
@@ -188,7 +189,7 @@ def test_deadline_follows_rank_zero_so_ranks_never_disagree():
     alone would leave the other waiting in a collective forever."""
     import time as _time
 
-    from transferlab.training.finetune import Deadline
+    from transferlab.training.callbacks import Deadline
 
     class Strategy:
         def __init__(self, root: bool) -> None:

@@ -1,4 +1,5 @@
-"""Callbacks with state: epoch history, best weights in memory, and stage unfreezing."""
+"""Callbacks with state: epoch history, best weights in memory, the must-pay rule, stage unfreezing and
+the deadline."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from .._io import write_text
 from ..events import emit
 
-__all__ = ["History", "BestWeights", "MustPay", "HISTORY_FIELDS"]
+__all__ = ["History", "BestWeights", "MustPay", "StageUnfreeze", "Deadline", "HISTORY_FIELDS"]
 
 HISTORY_FIELDS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
@@ -167,3 +169,86 @@ class MustPay(L.Callback):
         if stop:
             trainer.should_stop = True
             self.triggered = True
+
+
+class StageUnfreeze(L.Callback):
+    """Backbone frozen for ``freeze_epochs``, then the top ``unfreeze`` stages (or all) train; the first
+    ``always_frozen`` stages never do.
+
+    BatchNorm layers of frozen stages stay in eval mode, so their running statistics do not drift.
+    With ``train_bn=False`` (the default for pretrained backbones, as the Keras guide advises) every
+    BatchNorm keeps its ImageNet statistics while its affine weights still train: small batches of
+    images unlike ImageNet would otherwise replace those statistics and undo what the head learned.
+    """
+
+    def __init__(self, stages: list[list[nn.Parameter]], bns: list[list[nn.Module]], freeze_epochs: int,
+                 unfreeze: str | int, train_bn: bool = False, always_frozen: int = 0) -> None:
+        self.stages, self.bns = stages, bns
+        self.train_bn = train_bn
+        self.freeze_epochs = freeze_epochs
+        self.always_frozen = always_frozen
+        n = len(stages)
+        self.n_unfreeze = n if unfreeze == "all" else max(0, min(n, int(unfreeze)))
+
+    def trainable_stages(self, epoch: int) -> set[int]:
+        """Stage indices that train in ``epoch`` (0-based)."""
+        if epoch < self.freeze_epochs:
+            return set()
+        n = len(self.stages)
+        return set(range(max(n - self.n_unfreeze, self.always_frozen), n))
+
+    def _apply(self, epoch: int) -> None:
+        live = self.trainable_stages(epoch)
+        for i, stage in enumerate(self.stages):
+            for p in stage:
+                p.requires_grad_(i in live)
+                if i not in live:
+                    p.grad = None
+            for bn in self.bns[i]:
+                bn.train(i in live and self.train_bn)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply(trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._apply(trainer.current_epoch)
+
+
+class Deadline(L.Callback):
+    """Stops training so that evaluation and saving still fit before ``deadline`` (``time.time()``).
+
+    ``reserve_s`` grows to the measured length of a validation pass times ``eval_factor`` (evaluating
+    val and test afterwards costs about that), plus a fixed margin.
+    """
+
+    def __init__(self, deadline: float, eval_factor: float = 2.0, margin_s: float = 5.0) -> None:
+        self.deadline, self.eval_factor, self.margin_s = deadline, eval_factor, margin_s
+        self.val_s = 0.0
+        self._t = 0.0
+        self.step_s = 0.0
+        self.triggered = False
+
+    def _check(self, trainer: L.Trainer, extra: float = 0.0) -> None:
+        reserve = self.margin_s + self.eval_factor * self.val_s + extra
+        stop = time.time() + reserve >= self.deadline
+        if trainer.world_size > 1:  # every rank follows rank 0's clock (as Lightning's Timer): none waits alone
+            stop = bool(trainer.strategy.broadcast(stop, src=0))
+        if stop:
+            trainer.should_stop = True
+            self.triggered = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_s = time.perf_counter() - self._t
+        # a stop requested mid-epoch skips the epoch's validation, so reserve one step, not a val pass
+        self._check(trainer, extra=self.step_s)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._t = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.val_s = time.perf_counter() - self._t
+        self._check(trainer, extra=self.val_s)
