@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from transferlab.errors import ExportError
-from transferlab.export import export_model
+from transferlab.export import checked_onnx_export, export_model
 from transferlab.predict import load_model
 
 
@@ -55,7 +55,7 @@ def test_torchscript_carries_metadata(exported):
 def test_int8_check_decides(trained_run, tmp_path):
     path = tmp_path / "m.int8.onnx"
     try:
-        check = export_model(trained_run.model_dir, "onnx", path, int8=True)
+        check = export_model(trained_run.model_dir, "onnx", path, int8=True, n_calibration=32)
         raised = False
     except ExportError:
         raised = True
@@ -98,7 +98,7 @@ def test_predict_engine_auto_uses_a_fresh_checked_export(trained_run, tmp_path, 
     with pytest.raises(ArtifactError, match="no checked ONNX export"):
         load_model(model_dir, engine="onnx")
     export_model(model_dir, "onnx")
-    assert pr.checked_onnx_export(model_dir) == model_dir / "model.onnx"
+    assert checked_onnx_export(model_dir) == model_dir / "model.onnx"
     assert load_model(model_dir, engine="onnx").engine == "onnx"
     assert load_model(model_dir, engine="torch").engine == "torch"
     monkeypatch.setattr(pr, "onnx_pays", lambda device, mp: True)
@@ -109,15 +109,15 @@ def test_predict_engine_auto_uses_a_fresh_checked_export(trained_run, tmp_path, 
     check_file = model_dir / "model.onnx.check.json"
     check = json.loads(check_file.read_text())
     check_file.write_text(json.dumps({**check, "weights_sha256": "0" * 64}))
-    assert pr.checked_onnx_export(model_dir) is None
+    assert checked_onnx_export(model_dir) is None
     check_file.write_text(json.dumps({**check, "passed": False}))
-    assert pr.checked_onnx_export(model_dir) is None
+    assert checked_onnx_export(model_dir) is None
     # a model.onnx other than the one checked is never used
     check_file.write_text(json.dumps(check))
-    assert pr.checked_onnx_export(model_dir) == model_dir / "model.onnx"
+    assert checked_onnx_export(model_dir) == model_dir / "model.onnx"
     with open(model_dir / "model.onnx", "ab") as f:
         f.write(b"\0")
-    assert pr.checked_onnx_export(model_dir) is None
+    assert checked_onnx_export(model_dir) is None
 
 
 def test_onnx_pays_only_where_torch_runs_fp32(monkeypatch):

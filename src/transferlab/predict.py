@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from ._io import file_digest
-from .artifacts import load_artifact, load_openset, read_config
+from .artifacts import load_artifact, load_openset
+from .export import checked_onnx_export
 from .backbones.models import Classifier
 from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
@@ -21,7 +21,7 @@ from .data.transforms import EvalTransform, Preprocessing
 from .probability import sigmoid, softmax
 from .runtime import FrozenGraph, autocast, cpu_has_bf16, pick_device, prepare_model, to_device_batch
 
-__all__ = ["Predictor", "OnnxPredictor", "Prediction", "load_model", "expand_paths", "checked_onnx_export",
+__all__ = ["Predictor", "OnnxPredictor", "Prediction", "load_model", "expand_paths",
            "onnx_pays", "ENGINES", "decide_row"]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
@@ -237,25 +237,6 @@ class Predictor:
 
 
 ENGINES = ("auto", "torch", "onnx")
-
-
-def checked_onnx_export(model_dir: str | os.PathLike[str]) -> Path | None:
-    """The fp32 ONNX export beside an artifact, if its check passed and it was made from these weights."""
-    import json
-
-    from .errors import ArtifactError
-
-    try:
-        cfg = read_config(model_dir)
-        onnx_path = Path(cfg["_dir"]) / "model.onnx"
-        check = json.loads(Path(str(onnx_path) + ".check.json").read_text(encoding="utf-8"))
-    except (ArtifactError, OSError, ValueError):
-        return None
-    fresh = check.get("weights_sha256") is not None and check.get("weights_sha256") == cfg.get("weights_sha256")
-    if not (onnx_path.is_file() and check.get("passed") is True and fresh):
-        return None
-    # the file itself is the one that was checked (a stranger's folder may carry a swapped model.onnx)
-    return onnx_path if check.get("sha256") == file_digest(onnx_path) else None
 
 
 def onnx_pays(device: str | None, mixed_precision: bool) -> bool:
