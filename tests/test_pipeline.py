@@ -45,12 +45,12 @@ def test_run_directory_and_metrics_keys(trained_run):
 
 
 def test_second_run_hits_cache_without_forward(digits_dir, tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    first = train(digits_dir, tmp_path / "r1", mode="head", quiet=True, diagnose=False, cache_dir=str(cache), epochs=3)
+    cache = tmp_path / "cache"  # knn: no head to fit, this test is about the cache
+    first = train(digits_dir, tmp_path / "r1", mode="knn", quiet=True, diagnose=False, cache_dir=str(cache))
     calls = []
     original = FeatureExtractor.forward
     monkeypatch.setattr(FeatureExtractor, "forward", lambda self, b: calls.append(len(b)) or original(self, b))
-    second = train(digits_dir, tmp_path / "r2", mode="head", quiet=True, diagnose=False, cache_dir=str(cache), epochs=3)
+    second = train(digits_dir, tmp_path / "r2", mode="knn", quiet=True, diagnose=False, cache_dir=str(cache))
     assert calls == []
     t1, t2 = first.metrics["timing"], second.metrics["timing"]
     assert t2["features_computed"] == 0 and t2["features_cached"] == 200
