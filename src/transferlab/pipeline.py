@@ -29,7 +29,6 @@ from .data.transforms import AUGMENT_PRESETS, TrainTransform
 from .errors import ConfigError, DataError
 from .evaluation.calibration import expected_calibration_error
 from .evaluation.metrics import classification_metrics
-from .probability import apply_temperature, calibrated_nll, fit_temperature, softmax
 from .evaluation.outputs import SplitResult, write_run_outputs
 from .evaluation.sections import report_sections
 from .events import emit
@@ -37,6 +36,7 @@ from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor, default_workers
 from .planning import plan_finetune, plan_run
 from .predict import Predictor
+from .probability import apply_temperature, calibrated_nll, fit_temperature, softmax
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
 from .training.plan import Plan
@@ -73,7 +73,7 @@ class TrainConfig:
     time_limit: seconds for the whole run; training stops in time to evaluate and save.
     diagnose: after the head phase, search the training split for label issues and compute the learning
         curve on the cached features (``label_issues.csv``/``.html``, report sections); up to 5,000 images.
-    task: ``auto`` (from the data: a manifest with ``;``-separated or empty labels is multi-label),
+    task: ``auto`` (from the data: a manifest headed ``labels`` or with ``;``-separated labels is multi-label),
         ``single`` or ``multilabel`` (sigmoid outputs, binary cross-entropy, per-label thresholds; class
         folders then may hold the same image under several labels).
     devices / strategy / num_nodes / accelerator: Lightning's, for fine-tuning (``ddp`` over several).
@@ -152,7 +152,7 @@ class TrainConfig:
             raise ConfigError(f"time_limit={self.time_limit}: must be positive seconds (e.g. 900 for 15m).")
         return self
 
-    def ignored(self, resumed: bool = False) -> list[str]:
+    def ignored(self) -> list[str]:
         """Options set to something this run will not use, each with why (the run warns, it does not stop)."""
         out = []
         if self.aug_views and self.augment == "none":

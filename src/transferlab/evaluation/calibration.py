@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..probability import apply_temperature, calibrated_nll, fit_temperature, multilabel_nll, softmax
+from ..probability import apply_temperature, calibrated_nll, fit_temperature, multilabel_nll
 
 __all__ = ["expected_calibration_error", "fit_temperature", "apply_temperature", "reliability_bins",
            "calibrated_nll", "multilabel_nll"]

@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import io
 import json
-import logging
 import os
 import zipfile
 from importlib import resources
@@ -30,8 +29,6 @@ from .jobs import TrainingJob, start_training
 from .project import Project, safe_download_name
 
 __all__ = ["create_studio", "run_studio", "BUDGETS"]
-
-log = logging.getLogger("transferlab")
 
 #: The page's time budgets (seconds).
 BUDGETS = (60, 300, 900)

@@ -86,7 +86,7 @@ class TrainingJob:
     def _cleanup(self, keep_run: bool) -> None:
         run = self.project.runs / self.run
         if not keep_run and run.exists():
-            self.project._to_trash(run)
+            self.project.to_trash(run)
         (self.project.root / LOCK).unlink(missing_ok=True)
 
     def _read_events(self) -> None:

@@ -22,7 +22,7 @@ from ..data.images import decode, is_image_path
 from ..data.labels import check_label, inside
 from ..errors import DataError, ImageError
 
-__all__ = ["Project", "EXTENSIONS"]
+__all__ = ["Project", "EXTENSIONS", "safe_download_name"]
 
 #: File extension for each format an upload may have (what :func:`decode` accepts).
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
@@ -76,7 +76,7 @@ class Project:
 
     def remove_class(self, name: str) -> Path:
         """Move the class folder to the trash; returns where it went."""
-        return self._to_trash(self.class_dir(name))
+        return self.to_trash(self.class_dir(name))
 
     def image_path(self, cls: str, file: str) -> Path:
         folder = self.class_dir(cls)
@@ -86,7 +86,7 @@ class Project:
         return path
 
     def remove_image(self, cls: str, file: str) -> Path:
-        return self._to_trash(self.image_path(cls, file))
+        return self.to_trash(self.image_path(cls, file))
 
     def add_image(self, cls: str, data: bytes, max_pixels: int) -> str:
         """Validate ``data`` as :func:`scan` does and save it under a new name; returns the name.
@@ -104,7 +104,8 @@ class Project:
         tmp.replace(folder / name)
         return name
 
-    def _to_trash(self, path: Path) -> Path:
+    def to_trash(self, path: Path) -> Path:
+        """Move ``path`` (inside the project) to ``.trash/<date-time>/`` keeping its place; returns where."""
         rel = path.relative_to(self.root)
         dst = self.root / ".trash" / time.strftime("%Y%m%d-%H%M%S") / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
