@@ -13,11 +13,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .artifacts import load_artifact, load_openset
-from .export import checked_onnx_export
 from .backbones.models import Classifier
 from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
 from .data.transforms import EvalTransform, Preprocessing
+from .export import checked_onnx_export
 from .probability import sigmoid, softmax
 from .runtime import FrozenGraph, autocast, cpu_has_bf16, pick_device, prepare_model, to_device_batch
 
