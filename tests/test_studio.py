@@ -177,9 +177,9 @@ def test_studio_end_to_end_in_chromium_with_a_fake_camera(tmp_path):
 
         page.click("#tab-results")
         page.wait_for_selector("#runs table")
-        page.wait_for_function("document.getElementById('report').contentDocument && "
-                               "document.getElementById('report').contentDocument.body.innerText.includes('test accuracy')",
-                               timeout=30000)
+        page.wait_for_function("(() => { const d = document.getElementById('report').contentDocument; "
+                               "return !!(d && d.body && d.body.innerText.includes('test accuracy')); })()",
+                               timeout=30000)  # the frame may still be loading: no body yet
         assert "in use" in page.text_content("#runs")
         page.screenshot(path=str(shots / "3-results.png"), full_page=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -12,9 +11,9 @@ import typer
 from rich.markup import escape as esc
 from rich.table import Table
 
-from .cli_common import csv_ints, print_json, setup_logging, err, out, whole_names
-from .cli_data import cache_app, data_app
-from .errors import TransferlabError
+from ..errors import TransferlabError
+from .common import csv_ints, err, out, print_json, setup_logging, whole_names
+from .data_commands import cache_app, data_app
 
 _STARTED_AT = time.time()  # --time-limit counts from here: the user's clock, imports included
 
@@ -29,7 +28,7 @@ def demo(out_dir: Path = typer.Option(Path("transferlab-demo"), "--out", help="F
                                   "the network: several minutes on a CPU)."),
          quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Build a real dataset (scikit-learn's digits), train, evaluate, report and predict."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     setup_logging(quiet)
     res = run_demo(out_dir, quiet=quiet or as_json, mode=mode)
@@ -66,7 +65,7 @@ def _summary(run_dir: Path, metrics: dict[str, Any]) -> None:
 def backbones(offline: bool = typer.Option(False, "--offline", help="Only backbones usable with no network."),
               as_json: bool = typer.Option(False, "--json")) -> None:
     """List backbones: parameters, input size, ImageNet top-1, offline availability."""
-    from .backbones.catalog import list_backbones
+    from ..backbones.catalog import list_backbones
 
     rows = list_backbones(offline_only=offline)
     if as_json:
@@ -87,7 +86,7 @@ def imagenet(images: list[Path] = typer.Argument(..., help="Image files."),
              allow_download: bool = typer.Option(False, "--allow-download"),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Classify images with the pretrained network itself (ImageNet labels)."""
-    from .imagenet import classify_imagenet
+    from ..imagenet import classify_imagenet
 
     results = classify_imagenet([str(p) for p in images], backbone, top_k, weights_file=str(weights) if weights else None,
                                 allow_download=allow_download or None)
@@ -176,7 +175,7 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train a classifier: split, extract/cache features, train, fine-tune, evaluate, save."""
-    from .pipeline import train
+    from ..pipeline import train
 
     setup_logging(quiet)
     options = dict(backbone=backbone, mode=mode, head=csv_ints(head), dropout=dropout, epochs=epochs,
@@ -223,7 +222,7 @@ def evaluate_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/mo
                  split: Optional[str] = typer.Option(None, "--split", help="Only this split of pre-split data."),
                  quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Metrics, plots and report for a saved model on a labelled folder."""
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
 
     setup_logging(quiet)
     metrics = evaluate(model, data, out_dir, split=split)
@@ -250,8 +249,8 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
                                        "ONNX export where ONNX Runtime is the faster engine on this CPU)."),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Predict labels for image files and folders (unreadable files are reported, not fatal)."""
-    from .predict import expand_paths, load_model
-    from .reporting import write_predictions
+    from ..predict import expand_paths, load_model
+    from ..reporting import write_predictions
 
     if threshold is not None and not 0 <= threshold <= 1:
         raise typer.BadParameter(f"--threshold {threshold}: expected a probability between 0 and 1")
@@ -286,7 +285,7 @@ def lr_find_cmd(data: Path = typer.Argument(..., help="Labelled folder or manife
                 seed: int = typer.Option(0, "--seed"), quiet: bool = typer.Option(False, "--quiet", "-q"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Learning-rate finder on the head (cached features): writes the loss-vs-rate plot, prints a suggestion."""
-    from .tools import lr_find
+    from ..tools import lr_find
 
     setup_logging(quiet)
     res = lr_find(data, out_dir, backbone=backbone, seed=seed, quiet=quiet or as_json)
@@ -308,7 +307,7 @@ def compare_cmd(data: Path = typer.Argument(..., help="Labelled folder or manife
                 seed: int = typer.Option(0, "--seed"), quiet: bool = typer.Option(False, "--quiet", "-q"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Train several backbones on the same split; write compare.csv and compare.html."""
-    from .compare import compare
+    from ..compare import compare
 
     setup_logging(quiet)
     names = [b.strip() for b in backbones_.split(",") if b.strip()]
@@ -340,7 +339,7 @@ def diff_cmd(run_a: Path = typer.Argument(..., help="First run (or evaluate) dir
              top: int = typer.Option(20, "--top", help="Changed images to print."),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """The test images whose prediction changed between two runs, and per-class deltas with intervals."""
-    from .evaluation.diff import diff_runs, write_diff
+    from ..evaluation.diff import diff_runs, write_diff
 
     d = diff_runs(run_a, run_b)
     page = write_diff(d, out_dir)
@@ -373,7 +372,7 @@ def add_class_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/m
                   name: Optional[str] = typer.Option(None, "--name", help="Class name (default: the folder's name)."),
                   seed: int = typer.Option(0, "--seed"), quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Add a class to a knn or linear-head model in seconds (no fine-tuning); the old model is kept as a backup."""
-    from .classes import add_class
+    from ..classes import add_class
 
     setup_logging(quiet)
     ch = add_class(model, folder, name, seed=seed, quiet=quiet)
@@ -386,7 +385,7 @@ def add_class_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/m
 def remove_class_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/model)."),
                      name: str = typer.Argument(..., help="The class to remove.")) -> None:
     """Remove a class from a model (its row of the last layer); the old model is kept as a backup."""
-    from .classes import remove_class
+    from ..classes import remove_class
 
     ch = remove_class(model, name)
     out.print(f"removed '{esc(name)}'. Classes: {esc(', '.join(ch.classes))}. Previous model: {esc(str(ch.backup))}")
@@ -397,7 +396,7 @@ def explain(model: Path = typer.Argument(..., help="Model directory."), image: P
             out_path: Path = typer.Option(Path("heat.png"), "--out"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Write the Grad-CAM overlay of where the network looked for its prediction."""
-    from .explain import explain as run_explain
+    from ..explain import explain as run_explain
 
     res = run_explain(model, image, out_path)
     if as_json:
@@ -409,7 +408,7 @@ def explain(model: Path = typer.Argument(..., help="Model directory."), image: P
 @app.command()
 def summary(model: Path = typer.Argument(..., help="Model directory."), as_json: bool = typer.Option(False, "--json")) -> None:
     """Backbone, stages, parameters, input size, classes and training summary of a saved model."""
-    from .explain import model_summary
+    from ..explain import model_summary
 
     info = model_summary(model)
     if as_json:
@@ -428,7 +427,7 @@ def studio(project: Path = typer.Argument(Path("."), help="Project folder (creat
            api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TRANSFERLAB_API_KEY",
                                                  help="Key the page asks for (and API clients send as Bearer).")) -> None:
     """The whole job in a browser page: classes, pictures (files, folders, webcam), training, results, export."""
-    from .studio import run_studio
+    from ..studio import run_studio
 
     out.print(f"transferlab studio: open http://{host}:{port}/ in a browser (project {esc(str(project.resolve()))})")
     run_studio(project, host=host, port=port, api_key=api_key)
@@ -444,7 +443,7 @@ def serve(model: Path = typer.Argument(..., help="Model directory or exported .o
                                                 help="Require 'Authorization: Bearer KEY' on every endpoint but /health."),
           open_set: bool = typer.Option(False, "--open-set", help="Answer 'unknown' for images unlike every class.")) -> None:
     """HTTP API (POST /predict, GET /health, /labels, /docs) and a web page at /."""
-    from .service.app import serve as run_service
+    from ..service.app import serve as run_service
 
     run_service(model, host=host, port=port, workers=workers, max_bytes=max_bytes, max_pixels=max_pixels,
                 api_key=api_key, open_set=open_set)
@@ -457,7 +456,7 @@ def export_cmd(model: Path = typer.Argument(..., help="Model directory."),
                out_path: Optional[Path] = typer.Option(None, "--out", help="Output file (default inside MODEL)."),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Export a model and check it against the original (fails if the check fails)."""
-    from .export import describe_int8, export_model
+    from ..export import describe_int8, export_model
 
     check = export_model(model, fmt, out_path, int8=int8)
     if as_json:
@@ -494,7 +493,3 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         raise
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

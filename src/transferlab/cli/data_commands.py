@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape as esc
 from rich.table import Table
 
-from .cli_common import print_json, setup_logging, err, out
+from .common import print_json, setup_logging, err, out
 
 __all__ = ["data_app", "cache_app"]
 
@@ -35,7 +35,7 @@ def data_check(data: Path = _DATA,
                backbone: str = _BACKBONE, cache_dir: Optional[Path] = _CACHE_DIR, quiet: bool = _QUIET,
                as_json: bool = _JSON) -> None:
     """Audit a dataset: counts, unreadable and converted files, duplicates, leakage, imbalance."""
-    from .tools import check_dataset
+    from ..tools import check_dataset
 
     setup_logging(quiet)
     rep = check_dataset(data, near=near, backbone=backbone, threshold=threshold,
@@ -74,7 +74,7 @@ def data_issues_cmd(data: Path = _DATA,
                     top: int = typer.Option(20, "--top", help="Rows to print."),
                     quiet: bool = _QUIET, as_json: bool = _JSON) -> None:
     """Find probable label errors, outliers and conflicting near-duplicates (cached features, seconds)."""
-    from .diagnostics import data_issues
+    from ..diagnostics import data_issues
 
     if folds < 2:
         raise typer.BadParameter(f"--folds {folds}: expected at least 2")
@@ -103,7 +103,7 @@ def data_curve_cmd(data: Path = _DATA,
                    seed: int = _SEED, cache_dir: Optional[Path] = _CACHE_DIR, quiet: bool = _QUIET,
                    as_json: bool = _JSON) -> None:
     """Do I need more data? Head accuracy against 10-100% of the training split, projected to 2x and 4x."""
-    from .diagnostics import data_curve
+    from ..diagnostics import data_curve
 
     if seeds < 1:
         raise typer.BadParameter(f"--seeds {seeds}: expected at least 1")
@@ -128,8 +128,8 @@ def data_relabel_cmd(data: Path = typer.Argument(..., help="The dataset folder (
                      apply: bool = typer.Option(False, "--apply", help="Make the changes (default: only list them)."),
                      accept_all: bool = typer.Option(False, "--all", help="Accept every row with a suggested label.")) -> None:
     """Move accepted files to their suggested class folder (or write a corrected manifest); never deletes."""
-    from .data.relabel import apply_relabel, plan_relabel
-    from .diagnostics.label_issues import read_issues_csv
+    from ..data.relabel import apply_relabel, plan_relabel
+    from ..diagnostics.label_issues import read_issues_csv
 
     moves = plan_relabel(data, read_issues_csv(issues_csv), accept_all=accept_all)
     if not moves:
@@ -155,8 +155,8 @@ def data_split(data: Path = typer.Argument(...), out_path: Path = typer.Option(P
                val: float = typer.Option(0.15, "--val"), test: float = typer.Option(0.15, "--test"),
                seed: int = typer.Option(0, "--seed")) -> None:
     """Write the stratified, seeded split of a dataset as split.csv (path,label,split)."""
-    from .data.scan import scan as scan_data
-    from .data.split import split_dataset, write_split_csv
+    from ..data.scan import scan as scan_data
+    from ..data.split import split_dataset, write_split_csv
 
     ds = split_dataset(scan_data(data), val, test, seed)
     write_split_csv(ds.samples, out_path, ds.task)
@@ -179,7 +179,7 @@ def import_cifar100(source: str = typer.Argument(..., help="cifar-100-python.tar
 
 
 def _import_cifar(kind: str, source: str, out_dir: Path, allow_download: bool) -> None:
-    from .data.imports import import_cifar
+    from ..data.imports import import_cifar
 
     counts = import_cifar(kind, source, out_dir, allow_download=allow_download)
     out.print(f"wrote {kind} to {esc(str(out_dir))}: {counts}")
@@ -187,7 +187,7 @@ def _import_cifar(kind: str, source: str, out_dir: Path, allow_download: bool) -
 
 def _import_idx(kind: str, source: Path, out_dir: Path, per_class: Optional[int], val_per_class: int,
                 seed: int) -> None:
-    from .data.imports import import_idx
+    from ..data.imports import import_idx
 
     counts = import_idx(kind, source, out_dir, train_per_class=per_class, val_per_class=val_per_class, seed=seed)
     out.print(f"wrote {kind} to {esc(str(out_dir))}: {counts}")
@@ -217,7 +217,7 @@ def import_mnist(source: Path = _IDX_SOURCE, out_dir: Path = typer.Option(..., "
 @import_app.command("csv")
 def import_csv(manifest: Path = typer.Argument(..., help="path,label[,split] CSV"), out_dir: Path = typer.Option(..., "--out")) -> None:
     """Copy the images of a CSV manifest into class folders."""
-    from .data.imports import import_manifest
+    from ..data.imports import import_manifest
 
     res = import_manifest(manifest, out_dir)
     out.print(f"copied {res['copied']} images into {esc(str(out_dir))}; {res['skipped']} skipped")
@@ -227,7 +227,7 @@ def import_csv(manifest: Path = typer.Argument(..., help="path,label[,split] CSV
 def cache_info(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Show what the feature cache holds."""
-    from .features.cache import FeatureCache
+    from ..features.cache import FeatureCache
 
     cache = FeatureCache(cache_dir)
     infos = cache.info()
@@ -245,7 +245,7 @@ def cache_info(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
 @cache_app.command("clear")
 def cache_clear(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir")) -> None:
     """Delete every cached feature."""
-    from .features.cache import FeatureCache
+    from ..features.cache import FeatureCache
 
     freed = FeatureCache(cache_dir).clear()
     out.print(f"freed {freed / 1e6:.1f} MB")

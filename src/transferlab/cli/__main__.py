@@ -1,0 +1,5 @@
+"""``python -m transferlab.cli``."""
+
+from .main import main
+
+raise SystemExit(main())
