@@ -133,6 +133,11 @@ def test_bf16_features_match_fp32(sample_images):
     b = FeatureExtractor(bb, info, mixed_precision=True, quiet=True).extract(paths).features
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() > 0.99
+    from transferlab.runtime import cpu_has_bf16
+
+    # not vacuous: where the CPU has bf16 the mixed-precision path really ran in bf16 (the features differ
+    # in their last bits); elsewhere it fell back to fp32 exactly
+    assert np.array_equal(a, b) == (not cpu_has_bf16())
 
 
 def test_backbones_table_in_a_pipe_shows_whole_names(capsys):

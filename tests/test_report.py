@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from transferlab.pipeline import train
@@ -68,6 +69,11 @@ def test_tta_and_no_calibration(trained_run):
     q, _ = m.predict_proba([path], tta=True)
     r, _ = m.predict_proba([path], calibrated=False)
     assert abs(p.sum() - 1) < 1e-6 and abs(q.sum() - 1) < 1e-6
+    # TTA is the mean of the image's and its mirror's probabilities (a digit is not symmetric)
+    from PIL import Image, ImageOps
+
+    mirror, _ = m.predict_proba([np.asarray(ImageOps.mirror(Image.open(path).convert("RGB")))])
+    assert np.abs(q - (p + mirror) / 2).max() < 1e-3 and np.abs(q - p).max() > 1e-4
     assert p.argmax() == r.argmax()
     if m.temperature != 1.0:
         assert abs(p - r).max() > 0
