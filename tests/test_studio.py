@@ -56,7 +56,8 @@ def test_studio_project_api_and_its_refusals(tmp_path):
         moved = c.delete("/api/classes/espresso").json()["moved_to"]
         assert (project / moved).is_dir() and not (project / "data" / "espresso").exists()
         assert c.post("/api/classes", json={"name": "x"}, headers={"Origin": "http://evil.example"}).status_code == 403
-        assert c.post("/api/train", json={"budget_s": 7}).status_code == 400
+        for bad in (7, "abc", None, [60]):
+            assert c.post("/api/train", json={"budget_s": bad}).status_code == 400, bad
         assert c.post("/api/predict", files=_files(photo_crops("chelsea", 1))).status_code == 400  # no model yet
     with TestClient(create_studio(project, api_key="s3cret")) as c:
         assert c.get("/").status_code == 200 and c.get("/api/health").json()["key_required"]

@@ -143,9 +143,9 @@ def create_studio(project_dir: str | os.PathLike[str], *, api_key: str | None = 
     @app.post("/api/train")
     async def train(request: Request) -> dict[str, Any]:
         body = await _json(request)
-        budget = float(body.get("budget_s", BUDGETS[0]))
+        budget = body.get("budget_s", BUDGETS[0])
         if budget not in BUDGETS:
-            raise HTTPProblem(400, f"budget_s {budget:g}: expected one of {', '.join(map(str, BUDGETS))}")
+            raise HTTPProblem(400, f"budget_s {budget!r}: expected one of {', '.join(map(str, BUDGETS))} (seconds)")
         job: TrainingJob | None = state["job"]
         if job is not None and job.poll()["status"] == "running":
             raise HTTPProblem(409, "a training is already running; wait for it or cancel it first.")
