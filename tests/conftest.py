@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +115,33 @@ def render_page(path: Path) -> tuple[int, bool, list[str], list[str]]:
         loaded = page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
         browser.close()
     return n_images, loaded, errors, requests
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server or a DDP rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(*args: str, health: str = "/health"):
+    """``transferlab ARGS --port PORT`` in its own process on a free port, once ``health`` answers 200:
+    yields (process, url); the process is stopped on exit."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "transferlab.cli", *args, "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + health, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield server, url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import torch
 from transferlab.backbones import build_head, create_backbone
 from transferlab.pipeline import train
 from transferlab.predict import load_model
+
+from .conftest import free_port
 
 FAST = ["--image-size", "64", "--workers", "0", "--ft-batch-size", "16", "-q"]
 
@@ -86,14 +87,8 @@ def test_time_limit_stops_in_time_when_the_plan_is_wrong(digits_dir, tmp_path, m
     assert load_model(res.model_dir).classes == [str(i) for i in range(10)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes(digits_dir, tmp_path):
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     # with a time limit: the deadline callback's decision is broadcast from rank 0 every step, so both ranks end
     p = _cli("train", str(digits_dir), "--out", str(tmp_path / "ddp"), "--mode", "finetune", "--ft-epochs", "1",
              "--freeze-epochs", "1", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -17,7 +12,7 @@ from PIL import Image
 
 from transferlab.service import create_app
 
-from .conftest import chromium_path
+from .conftest import chromium_path, served
 
 
 @pytest.fixture(scope="module")
@@ -77,37 +72,11 @@ def test_hostile_inputs_are_4xx_json(client, test_image):
     assert client.get("/health").status_code == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _served(model_dir, *options: str):
-    """``transferlab serve MODEL`` in its own process on a free port, once /health answers: (process, url)."""
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "serve", str(model_dir), "--port", str(port),
-                               *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield server, url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
 def test_page_in_headless_chromium_predicts(trained_run, test_image):
     chromium = chromium_path()
     from playwright.sync_api import sync_playwright
 
-    with _served(trained_run.model_dir) as (_, url):
+    with served("serve", str(trained_run.model_dir)) as (_, url):
         path, label = test_image
         errors = []
         with sync_playwright() as p:
@@ -212,7 +181,7 @@ def test_request_pixel_budget_keeps_the_service_small(trained_run, test_image):
     under 2 GB (read from /proc for the uvicorn process)."""
     path, label = test_image
     big = _solid_png((8000, 5000))
-    with _served(trained_run.model_dir, "--max-bytes", str(64 * len(big) + 1_000_000)) as (server, url):
+    with served("serve", str(trained_run.model_dir), "--max-bytes", str(64 * len(big) + 1_000_000)) as (server, url):
         r = httpx.post(url + "/predict", files=[("files", (f"{i}.png", big)) for i in range(64)], timeout=120)
         assert r.status_code == 413 and "limit per request" in r.json()["error"]
         r = httpx.post(url + "/predict", files={"file": ("a.png", open(path, "rb").read())}, timeout=60)

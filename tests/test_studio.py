@@ -3,21 +3,15 @@ headless Chromium with a fake camera."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
-import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import chromium_path, photo_crops
+from .conftest import chromium_path, photo_crops, served
 from transferlab.studio import create_studio
 
 SCREENSHOTS = os.environ.get("TRANSFERLAB_STUDIO_SCREENSHOTS")  # a folder to keep the screenshots in (README)
@@ -105,31 +99,6 @@ def test_training_events_every_second_and_cancel_within_5s(tmp_path):
         c.post("/api/train/cancel")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _studio(project: Path):
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "studio", str(project), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
 def test_studio_end_to_end_in_chromium_with_a_fake_camera(tmp_path):
     """Create two classes, fill one from the (fake) camera and the other by file upload, train with the
     1-minute budget, read the report, predict a picture, download the ONNX export."""
@@ -145,7 +114,7 @@ def test_studio_end_to_end_in_chromium_with_a_fake_camera(tmp_path):
     probe = tmp_path / "probe.jpg"
     photo_crops("coffee", 1, seed=99)[0].save(probe, quality=90)
     errors: list[str] = []
-    with _studio(tmp_path / "proj") as url, sync_playwright() as p:
+    with served("studio", str(tmp_path / "proj"), health="/api/health") as (_, url), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=[
             "--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
             "--disable-background-networking", "--no-first-run"])

@@ -27,7 +27,7 @@ from ..errors import ConfigError, ImageError, ImageTooLargeError
 from ..predict import decide_row, load_model
 from .batcher import Batcher, QueueFull
 
-__all__ = ["create_app", "app_from_env", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_REQUEST_PIXELS"]
+__all__ = ["create_app", "app_from_env", "refuse_request", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_REQUEST_PIXELS"]
 
 log = logging.getLogger("transferlab")
 
@@ -82,6 +82,29 @@ def _same_origin(origin: str, host: str) -> bool:
     return bool(netloc) and netloc.lower() == host.lower()
 
 
+def refuse_request(request: Request, *, api_key: str | None, max_bytes: int, open_paths: Sequence[str],
+                   cookie: str | None = None) -> JSONResponse | None:
+    """The answer to a request that must not go further, or None: a cross-site request from a web page
+    (403), a missing or wrong API key outside ``open_paths`` (401; the key as ``Authorization: Bearer`` or,
+    with ``cookie``, in that cookie), a declared body over ``max_bytes`` (413). The service and the studio
+    both guard every request with it."""
+    origin = request.headers.get("origin")
+    if origin is not None and not _same_origin(origin, request.headers.get("host", "")):
+        return JSONResponse({"error": f"cross-site request from {origin!r} refused"}, status_code=403)
+    if api_key and request.url.path not in open_paths:
+        given = request.headers.get("authorization", "")
+        if not given and cookie:
+            given = f"Bearer {request.cookies.get(cookie, '')}"
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            return JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        return JSONResponse({"error": f"request body of {length} bytes is over the limit of {max_bytes} bytes"},
+                            status_code=413)
+    return None
+
+
 def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
                top_k: int = 5, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
@@ -117,19 +140,8 @@ def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):  # noqa: ANN202
-        origin = request.headers.get("origin")
-        if origin is not None and not _same_origin(origin, request.headers.get("host", "")):
-            return JSONResponse({"error": f"cross-site request from {origin!r} refused"}, status_code=403)
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return JSONResponse({"error": f"request body of {length} bytes is over the limit of {max_bytes} bytes"},
-                                status_code=413)
-        return await call_next(request)
+        refused = refuse_request(request, api_key=api_key, max_bytes=max_bytes, open_paths=("/health",))
+        return refused if refused is not None else await call_next(request)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

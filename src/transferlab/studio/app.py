@@ -23,8 +23,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from ..errors import ConfigError, DataError, ImageError, TransferlabError
 from ..predict import decide_row
-from ..service.app import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, HTTPProblem, _parse_multipart, _same_origin, \
-    is_loopback
+from ..service.app import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, HTTPProblem, _parse_multipart, is_loopback, \
+    refuse_request
 from .jobs import TrainingJob, start_training
 from .project import Project, safe_download_name
 
@@ -54,19 +54,9 @@ def create_studio(project_dir: str | os.PathLike[str], *, api_key: str | None = 
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):  # noqa: ANN202
-        origin = request.headers.get("origin")
-        if origin is not None and not _same_origin(origin, request.headers.get("host", "")):
-            return JSONResponse({"error": f"cross-site request from {origin!r} refused"}, status_code=403)
-        open_paths = ("/", "/api/login", "/api/health")
-        if api_key and request.url.path not in open_paths:
-            given = request.headers.get("authorization", "") or f"Bearer {request.cookies.get(COOKIE, '')}"
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return JSONResponse({"error": f"request body of {length} bytes is over the limit of {max_bytes} bytes"},
-                                status_code=413)
-        return await call_next(request)
+        refused = refuse_request(request, api_key=api_key, max_bytes=max_bytes,
+                                 open_paths=("/", "/api/login", "/api/health"), cookie=COOKIE)
+        return refused if refused is not None else await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
