@@ -23,8 +23,8 @@ from .errors import ConfigError, DataError
 from .evaluation.calibration import multilabel_nll
 from .evaluation.multilabel import MultiLabelResult, write_multilabel_outputs
 from .features.cache import FeatureCache
-from .features.extract import FeatureExtractor, default_workers
-from .pipeline import RunResult, TrainConfig, _finetune_record, _jsonable, finetune_config
+from .features.extract import FeatureExtractor
+from .pipeline import RunResult, TrainConfig, _finetune_record, _jsonable, evaluate_files, finetune_config, head_probs
 from .planning import plan_finetune
 from .predict import Predictor
 from .training.callbacks import History
@@ -56,27 +56,6 @@ def _matrix(samples: Sequence[Sample], classes: list[str]) -> np.ndarray:
     return label_matrix([s.labels for s in samples], classes)
 
 
-def _probs(head: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return sigmoid(head(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().numpy())
-
-
-def _evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[str, MultiLabelResult]:
-    """Val and test probabilities through the same path as ``predict``."""
-    predictor = Predictor(model, {"classes": ds.classes, "preprocessing": model.preprocessing.to_dict(),
-                                  "task": "multilabel"}, device=cfg.device, mixed_precision=cfg.mixed_precision,
-                          workers=default_workers() if cfg.workers is None else cfg.workers)
-    out = {}
-    for sp in ("val", "test"):
-        samples = _split(ds.samples, sp)
-        if samples:
-            probs, errors = predictor.predict_proba([s.path for s in samples])
-            ok = [samples[i] for i, e in enumerate(errors) if e is None]
-            out[sp] = MultiLabelResult(_matrix(ok, ds.classes), probs[[i for i, e in enumerate(errors) if e is None]],
-                                       [s.path for s in ok])
-    return out
-
-
 def train_multilabel(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, backbone: Any, info: Any, plan: Plan,
                      use_head: bool, use_ft: bool, skipped: list[Skipped], audit_warnings: Sequence[str],
                      t_start: float, wall_start: float, deadline: float | None, resume: bool) -> RunResult:
@@ -106,7 +85,7 @@ def train_multilabel(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, backbo
                                    history=history, pos_weight=pos_weights(y[rows["train"]]) if cfg.loss_weights else None)
         head = fit.head
         stats.update(head_s=time.perf_counter() - t1, epochs_run=fit.epochs_run, best_epoch=fit.best_epoch)
-        results = {sp: MultiLabelResult(y[rows[sp]], _probs(head, feats[rows[sp]]), [ds.samples[i].path for i in rows[sp]])
+        results = {sp: MultiLabelResult(y[rows[sp]], head_probs(head, feats[rows[sp]], sigmoid), [ds.samples[i].path for i in rows[sp]])
                    for sp in ("val", "test") if rows[sp]}
     model = Classifier(backbone, head, info.preprocessing)
     ft, t_ft = None, time.perf_counter()
@@ -128,7 +107,7 @@ def train_multilabel(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, backbo
             return RunResult(run, {}, run / "model", is_global_zero=False)
         model = ft.model
         if ft.improved or not results:
-            results = _evaluate_files(model, ds, cfg)
+            results = evaluate_files(model, ds, cfg)
     ft_s = time.perf_counter() - t_ft if use_ft else 0.0
     val = results.get("val")
     thresholds = tune_thresholds(val.probs, val.y_true) if val is not None and len(val.y_true) else \

@@ -13,7 +13,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -29,6 +29,7 @@ from .data.transforms import AUGMENT_PRESETS, TrainTransform
 from .errors import ConfigError, DataError
 from .evaluation.calibration import expected_calibration_error
 from .evaluation.metrics import classification_metrics
+from .evaluation.multilabel import MultiLabelResult
 from .evaluation.outputs import SplitResult, write_run_outputs
 from .evaluation.sections import report_sections
 from .events import emit
@@ -41,6 +42,7 @@ from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
 from .training.plan import Plan
 from .training.head import HeadConfig, HeadResult, balanced_class_weights, fit_head, fit_probe
+from .training.multilabel import label_matrix
 from .training.openset import fit_knn_distance
 from .training.prototypes import fit_prototypes
 
@@ -187,10 +189,11 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def _probs(head: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+def head_probs(head: torch.nn.Module, x: np.ndarray, activate: Callable[[np.ndarray], np.ndarray] = softmax) -> np.ndarray:
+    """Probabilities of cached features ``x`` through ``head`` (softmax; ``sigmoid`` for multi-label)."""
     with torch.inference_mode():
         logits = head(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().numpy()
-    return softmax(logits)
+    return activate(logits)
 
 
 def _labels(samples: Sequence[Sample], classes: list[str]) -> np.ndarray:
@@ -248,7 +251,7 @@ def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skippe
     results = {}
     for sp in ("val", "test"):
         if by[sp]:
-            results[sp] = SplitResult(_labels([keep[i] for i in by[sp]], ds.classes), _probs(result.head, feats[by[sp]]),
+            results[sp] = SplitResult(_labels([keep[i] for i in by[sp]], ds.classes), head_probs(result.head, feats[by[sp]]),
                                       [keep[i].path for i in by[sp]])
     stats = {"extract_s": extract_s, "head_s": time.perf_counter() - t1, "features_computed": computed,
              "features_cached": cached, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
@@ -416,7 +419,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
             return RunResult(run, {}, run / "model", is_global_zero=False)
         model = ft.model
         if ft.improved or not results:  # else the model is the head's, already evaluated on its features
-            results = _evaluate_files(model, ds, cfg)
+            results = evaluate_files(model, ds, cfg)
     ft_s = time.perf_counter() - t_ft if use_ft else 0.0
     return _finish(run, data, ds, cfg, info, model, results, history, skipped, stats, ft, ft_s, t_start,
                    notes, plan)
@@ -449,19 +452,25 @@ def _announce(plan: Plan, run: Path) -> None:
     write_json(run / "plan.json", plan.to_dict())
 
 
-def _evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[str, SplitResult]:
-    """Val and test probabilities through the same path as ``predict`` (files -> Predictor)."""
-    predictor = Predictor(model, {"classes": ds.classes, "preprocessing": model.preprocessing.to_dict()},
-                          device=cfg.device, mixed_precision=cfg.mixed_precision,
+def evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[str, Any]:
+    """Val and test probabilities through the same path as ``predict`` (files -> Predictor): a
+    :class:`SplitResult` per split, or a :class:`MultiLabelResult` for a multi-label dataset."""
+    predictor = Predictor(model, {"classes": ds.classes, "preprocessing": model.preprocessing.to_dict(),
+                                  "task": ds.task}, device=cfg.device, mixed_precision=cfg.mixed_precision,
                           workers=default_workers() if cfg.workers is None else cfg.workers)
-    out = {}
+    out: dict[str, Any] = {}
     for sp in ("val", "test"):
         samples = [s for s in ds.samples if s.split == sp]
         if not samples:
             continue
         probs, errors = predictor.predict_proba([s.path for s in samples], calibrated=False)
         ok = [i for i, e in enumerate(errors) if e is None]
-        out[sp] = SplitResult(_labels([samples[i] for i in ok], ds.classes), probs[ok], [samples[i].path for i in ok])
+        kept = [samples[i] for i in ok]
+        if ds.task == "multilabel":
+            out[sp] = MultiLabelResult(label_matrix([s.labels for s in kept], ds.classes), probs[ok],
+                                       [s.path for s in kept])
+        else:
+            out[sp] = SplitResult(_labels(kept, ds.classes), probs[ok], [s.path for s in kept])
     return out
 
 
