@@ -26,7 +26,7 @@ from transferlab.data.imports import import_cifar
 from transferlab.errors import DataError
 from transferlab.pipeline import train
 from transferlab.predict import load_model
-from transferlab.tools import check_dataset
+from transferlab.diagnostics.dataset import check_dataset
 
 
 def _presplit_digits(src: Path, root: Path, per_class: int = 10, classes=("0", "1", "2")) -> Path:

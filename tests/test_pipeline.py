@@ -254,3 +254,69 @@ def test_resume_names_the_options_it_ignores(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nope"), "--epochs", "5", "--backbone", "vgg16", "-q"]) == 2
     err = capsys.readouterr().err
     assert "ignored with --resume" in err and "--epochs" in err and "--backbone" in err and "-q" not in err
+
+
+def test_each_train_default_is_written_once():
+    """The CLI's train options, the head's and fine-tuning's configs and the split take their defaults from
+    TrainConfig: change one there and every layer follows."""
+    import typer
+
+    from transferlab.cli.main import app
+    from transferlab.config import TrainConfig
+    from transferlab.data.split import split_dataset
+    from transferlab.training.finetune import FinetuneConfig
+    from transferlab.training.head import HeadConfig
+
+    d = TrainConfig()
+    train_cmd = typer.main.get_command(app).commands["train"]
+    checked = 0
+    spelled_differently = ("head", "time_limit", "allow_download")  # "1024,1024", "15m", a flag for True/None
+    for p in train_cmd.params:
+        if isinstance(p, typer.core.TyperOption) and hasattr(d, p.name) and p.name not in spelled_differently:
+            assert p.default == getattr(d, p.name), p.name
+            checked += 1
+    assert checked >= 25
+    head, ft = HeadConfig(), FinetuneConfig()
+    assert (head.epochs, head.lr, head.batch_size, head.patience, head.hidden) == (d.epochs, d.lr, d.batch_size,
+                                                                                    d.patience, d.head)
+    assert (ft.epochs, ft.lr, ft.batch_size, ft.patience, ft.label_smoothing, ft.augment, ft.frozen_stride) == (
+        d.ft_epochs, d.ft_lr, d.ft_batch_size, d.ft_patience, d.ft_label_smoothing, d.augment, d.frozen_stride)
+    import inspect
+
+    sig = inspect.signature(split_dataset).parameters
+    assert (sig["val"].default, sig["test"].default, sig["seed"].default) == (d.val, d.test, d.seed)
+
+
+def test_config_file_sets_options_and_flags_win(tmp_path, monkeypatch, capsys):
+    from transferlab import pipeline
+    from transferlab.cli import main
+
+    seen = {}
+
+    def fake_train(data, out, **options):
+        seen.update(options)
+        raise pipeline.ConfigError("stop here")
+
+    monkeypatch.setattr(pipeline, "train", fake_train)
+    toml = tmp_path / "options.toml"
+    toml.write_text('mode = "head"\nepochs = 7\nhead = [64, 32]\ntime_limit = "2m"\nseed = 3\n')
+    assert main(["train", str(tmp_path), "--config", str(toml), "--seed", "9", "-q"]) == 2
+    assert (seen["mode"], seen["epochs"], seen["head"], seen["time_limit"], seen["seed"]) == ("head", 7, (64, 32),
+                                                                                             120.0, 9)
+    # a run's train_config.json repeats that run's options
+    saved = tmp_path / "train_config.json"
+    saved.write_text('{"data": "/x", "config": {"mode": "knn", "ft_lr": 0.002, "no_such_old_field": 1}}')
+    assert main(["train", str(tmp_path), "--config", str(saved), "-q"]) == 2
+    assert (seen["mode"], seen["ft_lr"]) == ("knn", 0.002)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"mdoe": "head"}')
+    capsys.readouterr()
+    assert main(["train", str(tmp_path), "--config", str(bad), "-q"]) == 2
+    assert "unknown option(s) 'mdoe'" in capsys.readouterr().err
+
+
+def test_a_usage_error_is_a_message_not_a_traceback(capsys):
+    from transferlab.cli import main
+
+    assert main(["train", "--no-such-flag"]) == 2
+    assert "No such option: --no-such-flag" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,30 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from ._io import file_digest, fsync_path, umask_mode, write_json
-from .backbones.models import Classifier, build_head, create_backbone
+from .backbones.models import Classifier, build_head, create_backbone, stage_count
 from .data.transforms import Preprocessing
 from .errors import ArtifactError, TransferlabError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_artifact", "load_artifact", "load_openset", "read_config",
-           "package_versions"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Artifact", "open_artifact", "save_artifact", "load_artifact", "build_classifier",
+           "load_openset", "read_config", "model_summary", "package_versions"]
 
 FORMAT = "transferlab-model"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 OPENSET = "openset.safetensors"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A model directory on disk and its checked ``config.json`` (no weights loaded yet)."""
+
+    root: Path
+    config: dict[str, Any]
+
+    def file(self, name: str) -> Path:
+        """A file inside the artifact's directory (``model.onnx``, ``openset.safetensors``, ...)."""
+        return self.root / name
 
 
 def package_versions() -> dict[str, str]:
@@ -106,8 +119,9 @@ def _locate(path: Path) -> Path:
                         "(the model/ folder of a run directory).")
 
 
-def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check an artifact's ``config.json`` (format and version)."""
+def open_artifact(path: str | os.PathLike[str]) -> Artifact:
+    """Find the artifact at ``path`` (its directory or its ``config.json``) and read and check its config
+    (format, version, bounds)."""
     root = _locate(Path(path))
     cfg_path = root / CONFIG
     if not cfg_path.is_file():
@@ -126,8 +140,12 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         if key not in cfg:
             raise ArtifactError(f"'{cfg_path}' lacks the '{key}' entry.")
     _check_bounds(cfg, cfg_path)
-    cfg["_dir"] = str(root)
-    return cfg
+    return Artifact(root, cfg)
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """An artifact's checked ``config.json`` (see :func:`open_artifact`)."""
+    return open_artifact(path).config
 
 
 #: Bounds on the numbers of a config.json from elsewhere: a head width of 10^9 is an error, not an OOM.
@@ -158,10 +176,16 @@ def _check_bounds(cfg: dict[str, Any], cfg_path: Path) -> None:
 
 
 def load_artifact(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the classifier of an artifact (no pretrained weights or training data needed)."""
-    cfg = read_config(path)
-    root = Path(cfg["_dir"])
-    weights = root / WEIGHTS
+    """Rebuild the classifier of an artifact (no pretrained weights or training data needed) and return
+    it with the artifact's config."""
+    artifact = open_artifact(path)
+    return build_classifier(artifact), artifact.config
+
+
+def build_classifier(artifact: Artifact) -> Classifier:
+    """The classifier an opened artifact describes, with its weights checked against the digest."""
+    cfg, root = artifact.config, artifact.root
+    weights = artifact.file(WEIGHTS)
     if not weights.is_file():
         raise ArtifactError(f"'{root}' has no {WEIGHTS}; the model weights are missing.")
     expected = cfg.get("weights_sha256")
@@ -196,17 +220,37 @@ def load_artifact(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str, A
             parts.append(f"unexpected tensor(s): {', '.join(unexpected[:3])}")
         raise ArtifactError(f"'{weights}' does not fit the architecture in {CONFIG}: " + "; ".join(parts))
     model.load_state_dict(state)
-    return model.eval(), cfg
+    return model.eval()
 
 
-def load_openset(cfg: dict[str, Any]):
+def load_openset(artifact: Artifact):
     """The open-set scorer of an artifact (``None`` when it has none), its file checked against the digest."""
     from .training.openset import KnnDistance
 
-    record = cfg.get("openset")
+    record = artifact.config.get("openset")
     if not record:
         return None
-    path = Path(cfg["_dir"]) / OPENSET
+    path = artifact.file(OPENSET)
     if not path.is_file() or file_digest(path) != record.get("sha256"):
         raise ArtifactError(f"'{path}' is missing or does not match the digest in {CONFIG}.")
     return KnnDistance.from_parts(load_numpy(str(path)), record)
+
+
+def model_summary(model: str | os.PathLike[str]) -> dict[str, Any]:
+    """Backbone, stages, parameters (total and trainable when fine-tuned), input size, classes, training."""
+    net, cfg = load_artifact(model)
+    total = sum(p.numel() for p in net.parameters())
+    head = sum(p.numel() for p in net.head.parameters())
+    training = cfg.get("training", {})
+    mode = training.get("mode")
+    trainable = head if mode == "head" else total
+    bb = cfg["backbone"]
+    return {"backbone": bb.get("name"), "timm_model": bb.get("timm_name"), "pretrained": bb.get("pretrained"),
+            "weights": f"{bb.get('weights_origin')} {bb.get('weights_digest')}",
+            "stages": stage_count(net.backbone.model), "cut_stage": bb.get("cut_stage"),
+            "layers": sum(1 for m in net.modules() if not list(m.children())),
+            "parameters_total": total, "parameters_trainable": trainable, "head": cfg["head"],
+            "input_size": cfg["preprocessing"]["size"], "preprocessing": cfg["preprocessing"],
+            "classes": cfg["classes"], "calibration": cfg.get("calibration"), "mode": mode,
+            "training": {k: v for k, v in training.items() if k != "config"}, "metrics": cfg.get("metrics"),
+            "versions": cfg.get("versions")}

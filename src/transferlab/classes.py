@@ -43,8 +43,8 @@ __all__ = ["ClassChange", "add_class", "remove_class"]
 
 log = logging.getLogger("transferlab")
 
-#: Keys ``save_artifact`` writes itself (and ``read_config`` adds): not copied from the old config.
-_OWN_KEYS = ("format", "format_version", "weights_sha256", "versions", "_dir")
+#: Keys ``save_artifact`` writes itself: not copied from the old config.
+_OWN_KEYS = ("format", "format_version", "weights_sha256", "versions")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._io import write_text
+from .config import TrainConfig
 from .data.scan import scan
 from .data.split import split_dataset, write_split_csv
 from .errors import TransferlabError
@@ -44,7 +45,7 @@ def _latency_ms(model_dir: Path, image: str, repeats: int = 10) -> float:
 
 
 def compare(data: str | os.PathLike[str], backbones: Sequence[str], out: str | os.PathLike[str], *,
-            mode: str = "auto", time_limit: float | None = None, seed: int = 0, quiet: bool = False,
+            mode: str = TrainConfig.mode, time_limit: float | None = None, seed: int = TrainConfig.seed, quiet: bool = False,
             **train_options: Any) -> list[dict[str, Any]]:
     """Train each backbone on the same split (features cached once per backbone), write ``compare.csv``
     and ``compare.html`` (leaderboard and accuracy-versus-latency plot); returns the rows.

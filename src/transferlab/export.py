@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ._io import file_digest, write_json
-from .artifacts import load_artifact, read_config
+from .artifacts import build_classifier, open_artifact
 from .data.images import load_image
 from .data.transforms import EvalTransform
 from .errors import ArtifactError, ConfigError, ExportError
@@ -143,7 +143,8 @@ def export_model(model: str | os.PathLike[str], fmt: str = "onnx", out: str | os
         raise ConfigError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}.")
     if int8 and fmt != "onnx":
         raise ConfigError("--int8 applies to the ONNX format only.")
-    classifier, cfg = load_artifact(model)
+    artifact = open_artifact(model)
+    classifier, cfg = build_classifier(artifact), artifact.config
     multilabel = cfg.get("task") == "multilabel"
     if int8 and multilabel:
         raise ConfigError("--int8 is checked by top-1 accuracy, which a multi-label model does not have; export "
@@ -152,7 +153,7 @@ def export_model(model: str | os.PathLike[str], fmt: str = "onnx", out: str | os
     net = ProbabilityModel(classifier.float().eval(), temperature, multilabel).eval()
     transform = EvalTransform(classifier.preprocessing)
     suffix = {"onnx": ".int8.onnx" if int8 else ".onnx", "torchscript": ".torchscript.pt"}[fmt]
-    out_path = Path(out) if out else Path(cfg["_dir"]) / f"model{suffix}"
+    out_path = Path(out) if out else artifact.file(f"model{suffix}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     x_check, y_check, check_source = _samples(cfg, transform, "test", n_check, seed=1)
     with torch.inference_mode():
@@ -204,8 +205,8 @@ def export_model(model: str | os.PathLike[str], fmt: str = "onnx", out: str | os
 def checked_onnx_export(model_dir: str | os.PathLike[str]) -> Path | None:
     """The fp32 ONNX export beside an artifact, if its check passed and it was made from these weights."""
     try:
-        cfg = read_config(model_dir)
-        onnx_path = Path(cfg["_dir"]) / "model.onnx"
+        artifact = open_artifact(model_dir)
+        cfg, onnx_path = artifact.config, artifact.file("model.onnx")
         check = json.loads(Path(str(onnx_path) + ".check.json").read_text(encoding="utf-8"))
     except (ArtifactError, OSError, ValueError):
         return None

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from .backbones.models import create_imagenet_model
+from .config import DEFAULT_BACKBONE
 from .data.images import load_image
 from .data.transforms import EvalTransform
 from .errors import ImageError
@@ -24,7 +25,7 @@ def imagenet_labels() -> list[str]:
     return [info.index_to_description(i) for i in range(1000)]
 
 
-def classify_imagenet(paths: Sequence[str | os.PathLike[str]], backbone: str = "efficientnet_lite0",
+def classify_imagenet(paths: Sequence[str | os.PathLike[str]], backbone: str = DEFAULT_BACKBONE,
                       top_k: int = 5, weights_file: str | None = None, allow_download: bool | None = None,
                       device: str | None = None) -> list[dict[str, Any]]:
     """Top-k ImageNet predictions per image: ``[{"path", "predictions": [{"label", "index",

@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,11 +21,12 @@ import torch
 
 from ._io import write_json
 from .artifacts import save_artifact
+from .config import TrainConfig, config_from_dict
 from .backbones.models import Classifier, build_head, create_backbone
 from .data.audit import audit, dedupe_across_splits
-from .data.scan import TASKS, Dataset, Sample, Skipped, scan
+from .data.scan import Dataset, Sample, Skipped, scan
 from .data.split import split_dataset, write_skipped_csv, write_split_csv
-from .data.transforms import AUGMENT_PRESETS, TrainTransform
+from .data.transforms import TrainTransform
 from .errors import ConfigError, DataError
 from .evaluation.calibration import expected_calibration_error
 from .evaluation.metrics import classification_metrics
@@ -50,126 +51,8 @@ __all__ = ["TrainConfig", "RunResult", "train", "default_run_dir"]
 
 log = logging.getLogger("transferlab")
 
-MODES = ("head", "finetune", "auto", "knn")
 #: Share of in-distribution (validation) images the open-set threshold accepts.
 OPEN_SET_ACCEPT = 0.95
-BALANCE = ("none", "weights", "sampler")
-
-
-@dataclass
-class TrainConfig:
-    """Every option of ``transferlab train`` with its default (the README says why).
-
-    backbone: alias or timm name (default ``efficientnet_lite0``, weights bundled offline).
-    mode: ``head`` trains a head on cached frozen features; ``knn`` takes the nearest class prototype
-        (mean feature) with no training, as a linear head; ``finetune`` trains the network end to end
-        (backbone frozen for ``freeze_epochs``, then ``unfreeze`` stages with discriminative rates;
-        the stages at output stride ``frozen_stride`` or finer never train, 0 trains them too);
-        ``auto`` (default) does ``head`` first, then fine-tunes starting from that head.
-    head / dropout: MLP widths (empty: linear) and dropout. epochs / lr / batch_size / patience: the head
-        phase (extraction picks its own batch size, see :class:`FeatureExtractor`).
-    ft_epochs / ft_lr / ft_patience / ft_batch_size: the fine-tuning phase.
-    augment: ``none|light|strong`` for fine-tuning; aug_views: augmented views cached per image (head).
-    balance: ``none|weights|sampler`` against class imbalance (the loss weighted by inverse class
-        frequency, or a sampler that draws the classes evenly).
-    time_limit: seconds for the whole run; training stops in time to evaluate and save.
-    diagnose: after the head phase, search the training split for label issues and compute the learning
-        curve on the cached features (``label_issues.csv``/``.html``, report sections); up to 5,000 images.
-    task: ``auto`` (from the data: a manifest headed ``labels`` or with ``;``-separated labels is multi-label),
-        ``single`` or ``multilabel`` (sigmoid outputs, binary cross-entropy, per-label thresholds; class
-        folders then may hold the same image under several labels).
-    devices / strategy / num_nodes / accelerator: Lightning's, for fine-tuning (``ddp`` over several).
-    """
-
-    backbone: str = "efficientnet_lite0"
-    mode: str = "auto"
-    pretrained: bool = True
-    weights: str | None = None
-    allow_download: bool | None = None
-    cut_stage: int | None = None
-    image_size: int | None = None
-    head: tuple[int, ...] = ()
-    dropout: float = 0.0
-    epochs: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    patience: int = 10
-    label_smoothing: float = 0.0
-    balance: str = "none"
-    aug_views: int = 0
-    ft_epochs: int = 8
-    ft_lr: float = 1e-3
-    ft_batch_size: int = 32
-    ft_patience: int = 3
-    ft_label_smoothing: float = 0.1
-    freeze_epochs: int = 1
-    unfreeze: str = "all"
-    frozen_stride: int = 4
-    augment: str = "light"
-    grad_clip: float | None = 1.0
-    time_limit: float | None = None
-    accelerator: str = "auto"
-    devices: int = 1
-    strategy: str = "auto"
-    num_nodes: int = 1
-    seed: int = 0
-    val: float = 0.15
-    test: float = 0.15
-    cache_dir: str | None = None
-    no_cache: bool = False
-    workers: int | None = None
-    device: str | None = None
-    mixed_precision: bool = True
-    quiet: bool = False
-    top_k: tuple[int, ...] = (1, 3, 5)
-    dedupe: bool = False
-    diagnose: bool = True
-    task: str = "auto"
-
-    def validate(self) -> "TrainConfig":
-        """Check values; raises :class:`ConfigError` quoting the bad value."""
-        if self.task not in TASKS:
-            raise ConfigError(f"task {self.task!r}: expected one of {', '.join(TASKS)}.")
-        if self.mode not in MODES:
-            raise ConfigError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}.")
-        if self.balance not in BALANCE:
-            raise ConfigError(f"balance {self.balance!r}: expected one of {', '.join(BALANCE)}.")
-        if self.augment not in AUGMENT_PRESETS:
-            raise ConfigError(f"augment {self.augment!r}: expected one of {', '.join(AUGMENT_PRESETS)}.")
-        if self.frozen_stride < 0:
-            raise ConfigError(f"frozen_stride {self.frozen_stride}: expected 0 (train every stage) or a stride.")
-        if self.unfreeze != "all" and not str(self.unfreeze).isdigit():
-            raise ConfigError(f"unfreeze {self.unfreeze!r}: expected 'all' or a number of stages.")
-        for name in ("epochs", "batch_size", "ft_epochs", "ft_batch_size", "devices", "num_nodes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1.")
-        if self.aug_views < 0:
-            raise ConfigError(f"aug_views={self.aug_views}: must be 0 or more.")
-        if not (self.lr > 0 and self.ft_lr > 0):
-            raise ConfigError(f"learning rates must be positive (got lr={self.lr}, ft_lr={self.ft_lr}).")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout={self.dropout}: must be in [0, 1).")
-        if self.time_limit is not None and self.time_limit <= 0:
-            raise ConfigError(f"time_limit={self.time_limit}: must be positive seconds (e.g. 900 for 15m).")
-        return self
-
-    def ignored(self) -> list[str]:
-        """Options set to something this run will not use, each with why (the run warns, it does not stop)."""
-        out = []
-        if self.aug_views and self.augment == "none":
-            out.append(f"--aug-views {self.aug_views} with --augment none: the cached views use the light augmentation.")
-        if self.freeze_epochs != 1 and self.mode in ("auto", "head", "knn"):
-            out.append(f"--freeze-epochs {self.freeze_epochs} is for --mode finetune: in mode {self.mode} the head "
-                       "is trained first, so fine-tuning starts unfrozen.")
-        if self.aug_views and self.mode == "finetune":
-            out.append("--aug-views is for the head on cached features: --mode finetune augments on the fly.")
-        return out
-
-    @property
-    def loss_weights(self) -> bool:
-        """True when the loss is reweighted by inverse class frequency."""
-        return self.balance == "weights"
 
 
 @dataclass
@@ -295,9 +178,7 @@ def _load_resume(run: Path) -> tuple[str, TrainConfig]:
     if not path.is_file():
         raise ConfigError(f"cannot resume '{run}': it has no train_config.json (is it a transferlab run directory?).")
     saved = json.loads(path.read_text(encoding="utf-8"))
-    names = {f.name for f in fields(TrainConfig)}
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved["config"].items() if k in names}
-    return str(run / "split.csv"), TrainConfig(**kwargs)
+    return str(run / "split.csv"), TrainConfig(**config_from_dict(saved["config"], str(path), strict=False))
 
 
 def _first_process() -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,17 +15,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from .artifacts import load_artifact, load_openset
+from ._io import write_text
+from .artifacts import build_classifier, load_artifact, load_openset, open_artifact
 from .backbones.models import Classifier
 from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
 from .data.transforms import EvalTransform, Preprocessing
+from .errors import ConfigError
 from .export import checked_onnx_export
 from .probability import sigmoid, softmax
 from .runtime import FrozenGraph, autocast, cpu_has_bf16, pick_device, prepare_model, to_device_batch
 
 __all__ = ["Predictor", "OnnxPredictor", "Prediction", "load_model", "expand_paths",
-           "onnx_pays", "ENGINES", "decide_row"]
+           "onnx_pays", "ENGINES", "decide_row", "write_predictions", "explain"]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -273,9 +278,10 @@ def load_model(path: str | os.PathLike[str], device: str | None = None, mixed_pr
                                 f"`transferlab export {path} --format onnx` first.")
         if exported is not None and (engine == "onnx" or onnx_pays(device, mixed_precision)):
             return OnnxPredictor(exported)
-    model, cfg = load_artifact(path)
-    predictor = Predictor(model, cfg, device=device, mixed_precision=mixed_precision, keep_memory=keep_memory)
-    predictor.openset = load_openset(cfg)
+    artifact = open_artifact(path)
+    predictor = Predictor(build_classifier(artifact), artifact.config, device=device, mixed_precision=mixed_precision,
+                          keep_memory=keep_memory)
+    predictor.openset = load_openset(artifact)
     return predictor
 
 
@@ -321,3 +327,32 @@ class OnnxPredictor(Predictor):
 
         p = run(batch)
         return ((p + run(batch.flip(-1))) / 2 if tta else p), None
+
+
+def write_predictions(results: Sequence[Prediction], path: str | os.PathLike[str]) -> None:
+    """Write predictions as ``.json`` (a list of objects) or ``.csv`` (path, label, probability, top-k, error)."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        write_text(path, json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+        return
+    if path.suffix.lower() != ".csv":
+        raise ConfigError(f"--output {str(path)!r}: expected a .csv or .json file name.")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "probability", "top_k", "error"])
+    for r in results:
+        top = ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.top_k)
+        w.writerow([r.source, r.label or "", "" if r.probability is None else f"{r.probability:.6f}", top, r.error or ""])
+    write_text(path, buf.getvalue())
+
+
+def explain(model: str | os.PathLike[str], image: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write the Grad-CAM overlay of where a saved model looked for its prediction on ``image`` to ``out``
+    (PNG); returns the label and probability."""
+    from .evaluation.interpret import explain_image
+
+    net, cfg = load_artifact(model)
+    heat, k, probs = explain_image(net, str(image))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(heat).save(out)
+    return {"image": str(image), "label": cfg["classes"][k], "probability": float(probs[k]), "heatmap": str(out)}

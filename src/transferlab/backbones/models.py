@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from ..config import DEFAULT_BACKBONE
 from ..data.transforms import Preprocessing
 from ..errors import ConfigError
 from .registry import SIMPLE_CNN, BackboneSpec, resolve_name
@@ -206,7 +207,7 @@ def _timm_model(spec: BackboneSpec, num_classes: int | None, image_size: int | N
         raise ConfigError(f"timm cannot build {spec.timm_name!r}: {exc}") from None
 
 
-def create_backbone(name: str = "efficientnet_lite0", *, pretrained: bool = True,
+def create_backbone(name: str = DEFAULT_BACKBONE, *, pretrained: bool = True,
                     weights_file: str | os.PathLike[str] | None = None, allow_download: bool | None = None,
                     cut_stage: int | None = None, image_size: int | None = None) -> tuple[FeatureBackbone, BackboneInfo]:
     """Build a feature backbone with its preprocessing; pretrained weights resolved offline first.
@@ -249,7 +250,7 @@ def create_backbone(name: str = "efficientnet_lite0", *, pretrained: bool = True
                             fb.num_features, stages)
 
 
-def create_imagenet_model(name: str = "efficientnet_lite0", *, weights_file: str | os.PathLike[str] | None = None,
+def create_imagenet_model(name: str = DEFAULT_BACKBONE, *, weights_file: str | os.PathLike[str] | None = None,
                           allow_download: bool | None = None) -> tuple[nn.Module, Preprocessing]:
     """The pretrained network with its ImageNet classifier, wrapped to take uint8 pixels."""
     spec = resolve_name(name)

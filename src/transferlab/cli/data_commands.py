@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape as esc
 from rich.table import Table
 
+from ..config import DEFAULT_BACKBONE
 from .common import print_json, setup_logging, err, out
 
 __all__ = ["data_app", "cache_app"]
@@ -21,7 +22,7 @@ data_app.add_typer(import_app, name="import")
 
 # options the commands that read a dataset's features share
 _DATA = typer.Argument(..., help="Labelled folder or manifest.")
-_BACKBONE = typer.Option("efficientnet_lite0", "--backbone", "-b")
+_BACKBONE = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b")
 _SEED = typer.Option(0, "--seed")
 _CACHE_DIR = typer.Option(None, "--cache-dir")
 _QUIET = typer.Option(False, "--quiet", "-q")
@@ -35,7 +36,7 @@ def data_check(data: Path = _DATA,
                backbone: str = _BACKBONE, cache_dir: Optional[Path] = _CACHE_DIR, quiet: bool = _QUIET,
                as_json: bool = _JSON) -> None:
     """Audit a dataset: counts, unreadable and converted files, duplicates, leakage, imbalance."""
-    from ..tools import check_dataset
+    from ..diagnostics.dataset import check_dataset
 
     setup_logging(quiet)
     rep = check_dataset(data, near=near, backbone=backbone, threshold=threshold,

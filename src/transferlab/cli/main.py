@@ -11,11 +11,13 @@ import typer
 from rich.markup import escape as esc
 from rich.table import Table
 
-from ..errors import TransferlabError
+from ..config import TrainConfig, duration_seconds, read_config_file
+from ..errors import ConfigError, TransferlabError
 from .common import csv_ints, err, out, print_json, setup_logging, whole_names
 from .data_commands import cache_app, data_app
 
 _STARTED_AT = time.time()  # --time-limit counts from here: the user's clock, imports included
+_D = TrainConfig()  # every default of train's options (and the default backbone) comes from here
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a folder of labelled images into an image classifier by transfer learning.")
@@ -81,7 +83,7 @@ def backbones(offline: bool = typer.Option(False, "--offline", help="Only backbo
 
 @app.command()
 def imagenet(images: list[Path] = typer.Argument(..., help="Image files."),
-             backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+             backbone: str = typer.Option(_D.backbone, "--backbone", "-b"),
              top_k: int = typer.Option(5, "--top-k", "-k"), weights: Optional[Path] = typer.Option(None, "--weights"),
              allow_download: bool = typer.Option(False, "--allow-download"),
              as_json: bool = typer.Option(False, "--json")) -> None:
@@ -102,18 +104,13 @@ def imagenet(images: list[Path] = typer.Argument(..., help="Image files."),
 
 
 def parse_duration(text: Optional[str]) -> Optional[float]:
-    """'15m', '90s', '1h30m', '2h' or plain seconds -> seconds."""
+    """'15m', '90s', '1h30m', '2h' or plain seconds -> seconds (``None`` stays ``None``)."""
     if text is None:
         return None
-    import re
-
-    t = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        return float(t)
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", t)
-    if not parts or "".join(n + u for n, u in parts) != t.replace(" ", ""):
-        raise typer.BadParameter(f"expected a duration such as 15m, 90s or 1h30m, got {text!r}")
-    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    try:
+        return duration_seconds(text)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command("train")
@@ -123,37 +120,40 @@ def train_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<date>-<time>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused without it)."),
-    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
-    mode: str = typer.Option("auto", "--mode", help="head (cached features), knn (nearest class prototype, no "
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of train options by field "
+                                               "name (a run's train_config.json too); flags given here win."),
+    backbone: str = typer.Option(_D.backbone, "--backbone", "-b"),
+    mode: str = typer.Option(_D.mode, "--mode", help="head (cached features), knn (nearest class prototype, no "
                              "training), finetune (end to end) or auto (head, then fine-tune)."),
-    task: str = typer.Option("auto", "--task", help="auto (from the data), single or multilabel (any number of "
+    task: str = typer.Option(_D.task, "--task", help="auto (from the data), single or multilabel (any number of "
                              "labels per image: a manifest's labels separated by ';', or one image in several "
                              "class folders)."),
     head: Optional[str] = typer.Option(None, "--head", help="MLP head widths, e.g. 1024,1024 (default linear)."),
-    dropout: float = typer.Option(0.0, "--dropout"),
-    epochs: int = typer.Option(100, "--epochs", help="Head phase: at most; early stopping ends sooner."),
-    lr: float = typer.Option(1e-3, "--lr", help="Head phase learning rate."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Head phase batch size."),
-    patience: int = typer.Option(10, "--patience", help="Head phase early-stopping patience (epochs)."),
-    ft_epochs: int = typer.Option(8, "--ft-epochs", help="Fine-tuning epochs at most (with --time-limit the plan may choose fewer)."),
-    ft_lr: float = typer.Option(1e-3, "--ft-lr", help="Fine-tuning rate of the head and the top stage; the stem gets 1/100 of it."),
-    ft_batch_size: int = typer.Option(32, "--ft-batch-size"),
-    ft_patience: int = typer.Option(3, "--ft-patience"),
-    freeze_epochs: int = typer.Option(1, "--freeze-epochs", help="Frozen-backbone epochs when fine-tuning without a head phase."),
-    unfreeze: str = typer.Option("all", "--unfreeze", help="'all' or the number of top stages to train."),
-    frozen_stride: int = typer.Option(4, "--frozen-stride", help="Pretrained stages at this output stride or "
+    dropout: float = typer.Option(_D.dropout, "--dropout"),
+    epochs: int = typer.Option(_D.epochs, "--epochs", help="Head phase: at most; early stopping ends sooner."),
+    lr: float = typer.Option(_D.lr, "--lr", help="Head phase learning rate."),
+    batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Head phase batch size."),
+    patience: int = typer.Option(_D.patience, "--patience", help="Head phase early-stopping patience (epochs)."),
+    ft_epochs: int = typer.Option(_D.ft_epochs, "--ft-epochs", help="Fine-tuning epochs at most (with --time-limit the plan may choose fewer)."),
+    ft_lr: float = typer.Option(_D.ft_lr, "--ft-lr", help="Fine-tuning rate of the head and the top stage; the stem gets 1/100 of it."),
+    ft_batch_size: int = typer.Option(_D.ft_batch_size, "--ft-batch-size"),
+    ft_patience: int = typer.Option(_D.ft_patience, "--ft-patience"),
+    freeze_epochs: int = typer.Option(_D.freeze_epochs, "--freeze-epochs", help="Frozen-backbone epochs when fine-tuning without a head phase."),
+    unfreeze: str = typer.Option(_D.unfreeze, "--unfreeze", help="'all' or the number of top stages to train."),
+    frozen_stride: int = typer.Option(_D.frozen_stride, "--frozen-stride", help="Pretrained stages at this output stride or "
                                       "finer stay frozen when fine-tuning (0: train them too)."),
-    augment: str = typer.Option("light", "--augment", help="none, light or strong (fine-tuning)."),
-    aug_views: int = typer.Option(0, "--aug-views", help="Head mode: cache K augmented views per training image."),
-    balance: str = typer.Option("none", "--balance", help="none, weights (loss weighted by inverse class "
+    augment: str = typer.Option(_D.augment, "--augment", help="none, light or strong (fine-tuning)."),
+    aug_views: int = typer.Option(_D.aug_views, "--aug-views", help="Head mode: cache K augmented views per training image."),
+    balance: str = typer.Option(_D.balance, "--balance", help="none, weights (loss weighted by inverse class "
                                 "frequency) or sampler (classes drawn evenly)."),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Head phase; fine-tuning uses 0.1."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient norm clip in fine-tuning (0: off)."),
+    label_smoothing: float = typer.Option(_D.label_smoothing, "--label-smoothing",
+                                         help=f"Head phase; fine-tuning uses {_D.ft_label_smoothing}."),
+    weight_decay: float = typer.Option(_D.weight_decay, "--weight-decay"),
+    grad_clip: float = typer.Option(_D.grad_clip or 0.0, "--grad-clip", help="Gradient norm clip in fine-tuning (0: off)."),
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help="e.g. 15m: stop in time, best model saved."),
-    seed: int = typer.Option(0, "--seed"),
-    val: float = typer.Option(0.15, "--val", help="Validation fraction when not pre-split."),
-    test: float = typer.Option(0.15, "--test", help="Test fraction when not pre-split."),
+    seed: int = typer.Option(_D.seed, "--seed"),
+    val: float = typer.Option(_D.val, "--val", help="Validation fraction when not pre-split."),
+    test: float = typer.Option(_D.test, "--test", help="Test fraction when not pre-split."),
     cut_stage: Optional[int] = typer.Option(None, "--cut-stage", help="Keep only the first N backbone stages."),
     image_size: Optional[int] = typer.Option(None, "--image-size"),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init instead of ImageNet weights."),
@@ -163,13 +163,13 @@ def train_cmd(
     no_cache: bool = typer.Option(False, "--no-cache"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (inference)."),
-    accelerator: str = typer.Option("auto", "--accelerator", help="Lightning accelerator for fine-tuning."),
-    devices: int = typer.Option(1, "--devices", help="Devices (or CPU processes) for fine-tuning."),
-    strategy: str = typer.Option("auto", "--strategy", help="Lightning strategy, e.g. ddp."),
-    num_nodes: int = typer.Option(1, "--num-nodes"),
+    accelerator: str = typer.Option(_D.accelerator, "--accelerator", help="Lightning accelerator for fine-tuning."),
+    devices: int = typer.Option(_D.devices, "--devices", help="Devices (or CPU processes) for fine-tuning."),
+    strategy: str = typer.Option(_D.strategy, "--strategy", help="Lightning strategy, e.g. ddp."),
+    num_nodes: int = typer.Option(_D.num_nodes, "--num-nodes"),
     no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision (bf16 on CPU, AMP on CUDA)."),
     dedupe: bool = typer.Option(False, "--dedupe", help="Remove exact duplicates across splits from val/test."),
-    diagnose: bool = typer.Option(True, "--diagnose/--no-diagnose",
+    diagnose: bool = typer.Option(_D.diagnose, "--diagnose/--no-diagnose",
                                   help="Label issues and learning curve of the training split (<= 5,000 images)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json"),
@@ -190,12 +190,16 @@ def train_cmd(
                    device=device, accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
                    mixed_precision=not no_amp, quiet=quiet or as_json, dedupe=dedupe,
                    diagnose=diagnose, task=task)
+    # typer may bring its own copy of click, so the parameter source is compared by name
+    given = {p.name: p.opts[0] for p in ctx.command.params
+             if getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"}
+    if config_file is not None and resume is None:  # the file's options, except where a flag was given
+        flag = {"pretrained": "no_pretrained", "mixed_precision": "no_amp"}
+        options.update({k: v for k, v in read_config_file(config_file).items() if flag.get(k, k) not in given})
+        options["quiet"] = options["quiet"] or as_json
     if resume is not None:
-        import click
-
-        kept = {"resume", "time_limit", "quiet", "as_json"}  # what --resume takes; the run keeps its own options
-        given = [p.opts[0] for p in ctx.command.params if p.name not in kept and
-                 ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+        kept = ("resume", "time_limit", "quiet", "as_json")  # what --resume takes; the run keeps its own options
+        given = [opt for name, opt in given.items() if name not in kept]
         if given:
             err.print(f"[yellow]warning[/]: ignored with --resume (the run keeps its own data and options): "
                       f"{esc(', '.join(given))}")
@@ -249,8 +253,7 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
                                        "ONNX export where ONNX Runtime is the faster engine on this CPU)."),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Predict labels for image files and folders (unreadable files are reported, not fatal)."""
-    from ..predict import expand_paths, load_model
-    from ..reporting import write_predictions
+    from ..predict import expand_paths, load_model, write_predictions
 
     if threshold is not None and not 0 <= threshold <= 1:
         raise typer.BadParameter(f"--threshold {threshold}: expected a probability between 0 and 1")
@@ -281,11 +284,11 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
 @app.command("lr-find")
 def lr_find_cmd(data: Path = typer.Argument(..., help="Labelled folder or manifest."),
                 out_dir: Path = typer.Option(Path("."), "--out", help="Folder for lr_find.png."),
-                backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+                backbone: str = typer.Option(_D.backbone, "--backbone", "-b"),
                 seed: int = typer.Option(0, "--seed"), quiet: bool = typer.Option(False, "--quiet", "-q"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Learning-rate finder on the head (cached features): writes the loss-vs-rate plot, prints a suggestion."""
-    from ..tools import lr_find
+    from ..diagnostics.dataset import lr_find
 
     setup_logging(quiet)
     res = lr_find(data, out_dir, backbone=backbone, seed=seed, quiet=quiet or as_json)
@@ -301,10 +304,10 @@ def compare_cmd(data: Path = typer.Argument(..., help="Labelled folder or manife
                 backbones_: str = typer.Option("efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,simple_cnn",
                                                "--backbones", help="Comma-separated backbone names."),
                 out_dir: Path = typer.Option(Path("compare"), "--out"),
-                mode: str = typer.Option("auto", "--mode", help="head, knn or auto (simple_cnn always trains from scratch)."),
+                mode: str = typer.Option(_D.mode, "--mode", help="head, knn or auto (simple_cnn always trains from scratch)."),
                 time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Budget per backbone, e.g. 5m."),
-                ft_epochs: int = typer.Option(8, "--ft-epochs"), image_size: Optional[int] = typer.Option(None, "--image-size"),
-                seed: int = typer.Option(0, "--seed"), quiet: bool = typer.Option(False, "--quiet", "-q"),
+                ft_epochs: int = typer.Option(_D.ft_epochs, "--ft-epochs"), image_size: Optional[int] = typer.Option(None, "--image-size"),
+                seed: int = typer.Option(_D.seed, "--seed"), quiet: bool = typer.Option(False, "--quiet", "-q"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Train several backbones on the same split; write compare.csv and compare.html."""
     from ..compare import compare
@@ -396,7 +399,7 @@ def explain(model: Path = typer.Argument(..., help="Model directory."), image: P
             out_path: Path = typer.Option(Path("heat.png"), "--out"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Write the Grad-CAM overlay of where the network looked for its prediction."""
-    from ..explain import explain as run_explain
+    from ..predict import explain as run_explain
 
     res = run_explain(model, image, out_path)
     if as_json:
@@ -408,7 +411,7 @@ def explain(model: Path = typer.Argument(..., help="Model directory."), image: P
 @app.command()
 def summary(model: Path = typer.Argument(..., help="Model directory."), as_json: bool = typer.Option(False, "--json")) -> None:
     """Backbone, stages, parameters, input size, classes and training summary of a saved model."""
-    from ..explain import model_summary
+    from ..artifacts import model_summary
 
     info = model_summary(model)
     if as_json:
@@ -485,10 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except SystemExit as exc:
         return int(exc.code or 0)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # click's usage errors, shown as click shows them (typer may bring its own copy of click, so they
+        # are recognised by what they have, not by their class)
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             return exc.exit_code
         raise

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError, ImageTooLargeError
 
@@ -32,8 +32,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 #: disk, and scaling its 5 px side to a network's input would make 400 million pixels.
 MAX_ASPECT = 100
 
-# Truncated files must fail loudly, never decode as half-grey pictures.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Truncated files fail loudly (Pillow's default, ``ImageFile.LOAD_TRUNCATED_IMAGES = False``); transferlab
+# never sets that process-wide switch, which belongs to the program that imports it.
 
 
 @dataclass

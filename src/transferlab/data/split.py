@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from .._io import write_text
+from ..config import TrainConfig
 from ..errors import ConfigError
 from .scan import Dataset, Sample, Skipped
 
@@ -23,8 +24,8 @@ log = logging.getLogger("transferlab")
 SPLITS = ("train", "val", "test")
 
 
-def stratified_split(samples: list[Sample], val: float = 0.15, test: float = 0.15,
-                     seed: int = 0) -> list[Sample]:
+def stratified_split(samples: list[Sample], val: float = TrainConfig.val, test: float = TrainConfig.test,
+                     seed: int = TrainConfig.seed) -> list[Sample]:
     """Assign ``train``/``val``/``test`` per class, in the given fractions, reproducibly.
 
     Each class is shuffled with a generator seeded by ``seed`` and the class name, so adding a class
@@ -58,7 +59,8 @@ def stratified_split(samples: list[Sample], val: float = 0.15, test: float = 0.1
     return out
 
 
-def iterative_split(samples: list[Sample], val: float = 0.15, test: float = 0.15, seed: int = 0) -> list[Sample]:
+def iterative_split(samples: list[Sample], val: float = TrainConfig.val, test: float = TrainConfig.test,
+                    seed: int = TrainConfig.seed) -> list[Sample]:
     """Assign ``train``/``val``/``test`` to multi-label images by iterative stratification (Sechidis,
     Tsoumakas and Vlahavas 2011), reproducibly.
 
@@ -117,7 +119,8 @@ def _sizes(n: int, val: float, test: float) -> tuple[int, int]:
     return n_test, n_val
 
 
-def split_dataset(dataset: Dataset, val: float = 0.15, test: float = 0.15, seed: int = 0) -> Dataset:
+def split_dataset(dataset: Dataset, val: float = TrainConfig.val, test: float = TrainConfig.test,
+                  seed: int = TrainConfig.seed) -> Dataset:
     """Return ``dataset`` with every sample assigned to a split.
 
     Splits already given (pre-split folders, a manifest's split column) are kept. Samples with no

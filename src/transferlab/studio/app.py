@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from ..config import DEFAULT_BACKBONE
 from ..errors import ConfigError, DataError, ImageError, TransferlabError
 from ..predict import decide_row
 from ..service.app import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, HTTPProblem, _parse_multipart, is_loopback, \
@@ -141,7 +142,7 @@ def create_studio(project_dir: str | os.PathLike[str], *, api_key: str | None = 
             raise HTTPProblem(409, "a training is already running; wait for it or cancel it first.")
         mode = "head" if body.get("quick") else "auto"
         state["job"] = await asyncio.to_thread(start_training, project, budget,
-                                               str(body.get("backbone") or "efficientnet_lite0"), mode)
+                                               str(body.get("backbone") or DEFAULT_BACKBONE), mode)
         return state["job"].poll()
 
     @app.post("/api/train/cancel")

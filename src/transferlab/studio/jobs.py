@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_BACKBONE
 from ..errors import ConfigError
 from ..events import EVENTS_ENV
 from .project import Project
@@ -125,7 +126,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def start_training(project: Project, budget_s: float, backbone: str = "efficientnet_lite0",
+def start_training(project: Project, budget_s: float, backbone: str = DEFAULT_BACKBONE,
                    mode: str = "auto") -> TrainingJob:
     """Start ``transferlab train PROJECT/data --out PROJECT/runs/<new> --time-limit <budget>``.
 

@@ -16,28 +16,25 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 
 from ..backbones.models import Classifier, SimpleCNN
-from ..data.loader import ImageFiles, collate_images, worker_init
-from ..data.transforms import EvalTransform, TrainTransform
+from ..config import TrainConfig
 from ..runtime import keep_freed_memory
 from .callbacks import BestWeights, Deadline, History, MustPay, StageUnfreeze
+from .datamodule import FinetuneData
 from .module import ClassifierModule
 from .trainer import make_trainer
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "fit_finetune", "backbone_stages", "early_stages", "StageUnfreeze",
-           "EpochSeededSampler", "Deadline", "precision_for", "LR_SPREAD", "WARMUP"]
+           "Deadline", "precision_for", "LR_SPREAD", "WARMUP"]
 
 #: Ratio of the top stage's learning rate to the stem's (fastai's ``slice(lr/100, lr)``).
 LR_SPREAD = 100.0
@@ -57,31 +54,31 @@ class FinetuneConfig:
     ``initial_val_loss``, stop when this many seconds have gone without beating it (:class:`MustPay`).
     """
 
-    epochs: float = 8
-    lr: float = 1e-3
+    epochs: float = TrainConfig.ft_epochs
+    lr: float = TrainConfig.ft_lr
     head_lr: float | None = None
-    freeze_epochs: int = 1
-    unfreeze: str | int = "all"
-    frozen_stride: int = 4  # pretrained stages at this output stride or finer stay frozen (0: none)
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
+    freeze_epochs: int = TrainConfig.freeze_epochs
+    unfreeze: str | int = TrainConfig.unfreeze
+    frozen_stride: int = TrainConfig.frozen_stride  # pretrained stages at this output stride or finer stay frozen
+    weight_decay: float = TrainConfig.weight_decay
+    label_smoothing: float = TrainConfig.ft_label_smoothing
     val_every: float = 1.0
     optimizer: str = "adamw"
     ema: bool = True
     discard_after_s: float | None = None
-    batch_size: int = 32
-    patience: int = 3
-    grad_clip: float | None = 1.0
-    augment: str = "light"
+    batch_size: int = TrainConfig.ft_batch_size
+    patience: int = TrainConfig.ft_patience
+    grad_clip: float | None = TrainConfig.grad_clip
+    augment: str = TrainConfig.augment
     class_weights: Sequence[float] | None = None
     balance_sampler: bool = False
-    seed: int = 0
+    seed: int = TrainConfig.seed
     workers: int = 2
-    accelerator: str = "auto"
-    devices: int | str = 1
-    strategy: str = "auto"
-    num_nodes: int = 1
-    mixed_precision: bool = True
+    accelerator: str = TrainConfig.accelerator
+    devices: int | str = TrainConfig.devices
+    strategy: str = TrainConfig.strategy
+    num_nodes: int = TrainConfig.num_nodes
+    mixed_precision: bool = TrainConfig.mixed_precision
     deadline: float | None = None  # time.time() by which the whole run must be done
     reserve_s: float = 5.0  # time kept after training for evaluation, report and saving
     initial_val_loss: float | None = None  # the starting model's calibrated validation NLL, if known
@@ -164,49 +161,6 @@ def _stage_modules(model: nn.Module, stages: list[list[nn.Parameter]]) -> list[l
     return out
 
 
-class EpochSeededSampler(Sampler[int]):
-    """Shuffles with a generator seeded by ``(seed, epoch)`` and encodes the epoch in each index, so a
-    resumed run sees the same order and the same augmentations as an uninterrupted one."""
-
-    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-        self.weights = weights
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is not None:
-            order = torch.multinomial(torch.as_tensor(self.weights, dtype=torch.double), self.n, True, generator=g)
-        else:
-            order = torch.randperm(self.n, generator=g)
-        base = self.epoch * self.n
-        return iter((base + order).tolist())
-
-
-class _TrainFiles(ImageFiles):
-    """Training items: the epoch comes encoded in the index; augmentation is seeded per (seed, epoch, file)."""
-
-    def __init__(self, paths, transform, labels, seed: int) -> None:
-        super().__init__(paths, transform, labels)
-        self.seed = seed
-
-    def __getitem__(self, i: int):
-        n = len(self.paths)
-        epoch, j = divmod(int(i), n)
-        torch.manual_seed(zlib.crc32(f"{self.seed}:{epoch}:{self.paths[j]}".encode()))
-        return super().__getitem__(j)
-
-
-def _collate_xy(items):
-    x, _, y, _ = collate_images(items)  # files that failed to decode are left out of the batch
-    return x, y
-
-
 class _FinetuneModule(ClassifierModule):
     """Skips a batch whose every file failed to decode (Lightning skips a step that returns ``None``)."""
 
@@ -268,27 +222,12 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
                              class_weights=cfg.class_weights, warmup=WARMUP, param_groups=groups, optimizer=cfg.optimizer,
                              input_transform=_channels_last, multilabel=cfg.multilabel)
     pre_cfg = model.preprocessing
-    train_tf = TrainTransform(pre_cfg, cfg.augment)
-    ytr = np.asarray(train_y, dtype=np.int64)
-    weights = None
-    if cfg.balance_sampler and not cfg.multilabel:
-        counts = np.bincount(ytr).astype(np.float64)
-        weights = (1.0 / counts[ytr])
-    train_ds = _TrainFiles(list(train_paths), train_tf, ytr.tolist(), cfg.seed)
-    sampler = EpochSeededSampler(len(train_ds), cfg.seed, weights)
-    loader_kw: dict[str, Any] = {"num_workers": cfg.workers, "persistent_workers": False,
-                                 "worker_init_fn": worker_init if cfg.workers else None}
-    if cfg.workers:
-        loader_kw["prefetch_factor"] = 4
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=_collate_xy,
-                              drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
-    val_loader = None
-    if len(val_paths):
-        val_ds = ImageFiles(list(val_paths), EvalTransform(pre_cfg), list(val_y))
-        val_loader = DataLoader(val_ds, batch_size=64, shuffle=False, collate_fn=_collate_xy, **loader_kw)
+    data = FinetuneData(pre_cfg, train_paths, train_y, val_paths, val_y, batch_size=cfg.batch_size,
+                        augment=cfg.augment, seed=cfg.seed, workers=cfg.workers,
+                        balance_sampler=cfg.balance_sampler and not cfg.multilabel)
     # Label smoothing leaves a fine-tuned model uniformly under-confident, which raw validation NLL
     # punishes though temperature scaling will undo it; select on the NLL after that scaling.
-    monitor = "val_cal_loss" if val_loader is not None else "train_loss"
+    monitor = "val_cal_loss" if data.has_val else "train_loss"
     ema = None
     always_frozen = early_stages(model.backbone, stages, pre_cfg.size, cfg.frozen_stride) if pretrained else 0
     unfreeze = StageUnfreeze(stages, bns, freeze_epochs, cfg.unfreeze if pretrained else "all",
@@ -300,7 +239,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
                            every_n_epochs=1, save_top_k=0, auto_insert_metric_name=False,
                            save_on_train_epoch_end=True, enable_version_counter=False)
     world = (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes  # DDP splits each epoch
-    batches = max(1, math.ceil(len(train_loader) / world))
+    batches = max(1, math.ceil(data.train_batches() / world))
     # validation every val_steps batches within each epoch (and at its end); the run ends on one
     val_steps = max(1, min(batches, int(cfg.val_every * batches)))
     whole, part = divmod(cfg.epochs, 1.0)
@@ -313,7 +252,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
                                  update_starting_at_step=freeze_epochs * batches)
     best = BestWeights(monitor, averaging=ema)
     callbacks: list[Any] = [unfreeze, history, *([ema] if ema else []), best, ckpt]
-    if val_loader is not None:
+    if data.has_val:
         callbacks.append(EarlyStopping(monitor, patience=max(1, math.ceil(cfg.patience * batches / val_steps)),
                                        mode="min"))
     deadline = Deadline(cfg.deadline, margin_s=cfg.reserve_s) if cfg.deadline else None
@@ -321,7 +260,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     if cfg.initial_val_loss is not None:  # fine-tuning must beat where it starts (the trained head)
         best.best, best.best_epoch = float(cfg.initial_val_loss), -1
         best.state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        if cfg.discard_after_s is not None and val_loader is not None:
+        if cfg.discard_after_s is not None and data.has_val:
             must_pay = MustPay(best, cfg.discard_after_s)
             callbacks.append(must_pay)
     if deadline is not None:
@@ -340,7 +279,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     if ckpt_path:
         _allow_checkpoint_globals()
     module.train()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     model = module.model.eval()
     return FinetuneResult(model, history.rows, best.best_epoch + 1, trainer.current_epoch,
                           bool(deadline and deadline.triggered), trainer.is_global_zero,

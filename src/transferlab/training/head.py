@@ -8,9 +8,8 @@ linear head trained by Adam with early stopping (BENCHMARKS.md). An MLP head tra
 
 from __future__ import annotations
 
-import logging
 import copy
-import math
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..backbones.models import build_head
+from ..config import TrainConfig
 from .callbacks import BestWeights, History
 from .module import ClassifierModule
 from .trainer import make_trainer
@@ -45,17 +45,17 @@ class HeadConfig:
     epochs: at most. patience: epochs without val-loss improvement before stopping.
     """
 
-    hidden: Sequence[int] = ()
-    dropout: float = 0.0
-    epochs: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    patience: int = 10
-    label_smoothing: float = 0.0
+    hidden: Sequence[int] = TrainConfig.head
+    dropout: float = TrainConfig.dropout
+    epochs: int = TrainConfig.epochs
+    lr: float = TrainConfig.lr
+    weight_decay: float = TrainConfig.weight_decay
+    batch_size: int = TrainConfig.batch_size
+    patience: int = TrainConfig.patience
+    label_smoothing: float = TrainConfig.label_smoothing
     class_weights: Sequence[float] | None = None
     balance_sampler: bool = False
-    seed: int = 0
+    seed: int = TrainConfig.seed
     quiet: bool = False
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import TrainConfig
 from ..data.images import ImageInfo, load_image
 from ..data.transforms import EvalTransform, Preprocessing, TrainTransform
 from ..runtime import autocast, keep_freed_memory
@@ -222,7 +223,7 @@ class Plan:
 
 def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train: int, n_val: int, n_test: int,
               costs: Costs, finetune: bool, budget_s: float | None, elapsed_s: float = 0.0,
-              max_epochs: int = 8, image_size: int | None = None, head_s: float = 5.0) -> Plan:
+              max_epochs: int = TrainConfig.ft_epochs, image_size: int | None = None, head_s: float = 5.0) -> Plan:
     """Choose the input size and the fine-tuning length.
 
     Args:

@@ -13,7 +13,7 @@ import pytest
 from transferlab.cli import main
 from transferlab.errors import DataError
 
-from .conftest import render_page
+from ..conftest import render_page
 
 
 def _flip_labels(src: Path, dst: Path, share: float, seed: int) -> set[str]:
@@ -270,7 +270,7 @@ def test_open_set_unknown_in_predict_and_serve(trained_run, tmp_path, capsys):
 
     from transferlab.service import create_app
 
-    from .conftest import photo_crops
+    from ..conftest import photo_crops
 
     m = trained_run.metrics["open_set"]
     assert m["method"] == "knn" and m["accept"] == 0.95 and 0 < m["test_accepted"] <= 1

@@ -15,7 +15,7 @@ from transferlab.cli import main
 from transferlab.errors import ConfigError, WeightsError
 from transferlab.imagenet import classify_imagenet
 
-from .conftest import sample_photo
+from ..conftest import sample_photo
 
 CATS = {"tabby, tabby cat", "tiger cat", "Egyptian cat"}
 

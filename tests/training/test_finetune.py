@@ -17,7 +17,7 @@ from transferlab.backbones import build_head, create_backbone
 from transferlab.pipeline import train
 from transferlab.predict import load_model
 
-from .conftest import free_port
+from ..conftest import free_port
 
 FAST = ["--image-size", "64", "--workers", "0", "--ft-batch-size", "16", "-q"]
 
@@ -229,3 +229,24 @@ def test_a_batch_whose_every_file_fails_to_decode_is_skipped(digits_dir, tmp_pat
     res = fit_finetune(model, paths, labels, good, [0, 1], cfg, tmp_path / "run", History(None, "finetune"),
                        pretrained=False)
     assert res.epochs_run == 1 and res.validations
+
+
+def test_finetuning_without_validation_images_selects_on_the_training_loss(digits_dir, tmp_path):
+    """The data module gives the Trainer no validation loader when there are no validation images: the run
+    trains, monitors its training loss and keeps its weights."""
+    from transferlab.backbones.models import Classifier
+    from transferlab.training.callbacks import History
+    from transferlab.training.datamodule import FinetuneData
+    from transferlab.training.finetune import FinetuneConfig, fit_finetune
+
+    bb, info = create_backbone("simple_cnn", pretrained=False, image_size=32)
+    model = Classifier(bb, build_head(info.num_features, 2), info.preprocessing)
+    paths = [str(p) for c in ("0", "1") for p in sorted((digits_dir / c).iterdir())[:8]]
+    labels = [0] * 8 + [1] * 8
+    data = FinetuneData(info.preprocessing, paths, labels, [], [], batch_size=4, augment="light", seed=0, workers=0)
+    assert not data.has_val and data.train_batches() == 4 and data.val_dataloader() == []
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = FinetuneConfig(epochs=2, freeze_epochs=0, batch_size=4, workers=0, quiet=True, ema=False)
+    res = fit_finetune(model, paths, labels, [], [], cfg, tmp_path / "run", History(None, "finetune"), pretrained=False)
+    assert res.epochs_run == 2 and res.validations == []
+    assert any(not torch.equal(a, b) for a, b in zip(before, res.model.parameters()))

@@ -11,7 +11,7 @@ import pytest
 
 from transferlab.pipeline import train
 
-from .conftest import render_page
+from ..conftest import render_page
 
 SECTIONS = ["Summary", "Data", "Test metrics", "Most confused pairs", "Confusion matrix", "Training curves",
             "Calibration", "Top losses", "Random test predictions", "Label issues", "Do I need more data?"]

@@ -14,7 +14,7 @@ from transferlab.data import (Sample, decode, read_split_csv, scan, split_datase
                               write_skipped_csv, write_split_csv)
 from transferlab.errors import DataError, ImageError
 
-from .conftest import photo_crops, sample_photo
+from ..conftest import photo_crops, sample_photo
 
 
 def _copy_photos(src, dst):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from .conftest import chromium_path, photo_crops, served
+from ..conftest import chromium_path, photo_crops, served
 from transferlab.studio import create_studio
 
 SCREENSHOTS = os.environ.get("TRANSFERLAB_STUDIO_SCREENSHOTS")  # a folder to keep the screenshots in (README)

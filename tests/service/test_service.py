@@ -12,7 +12,7 @@ from PIL import Image
 
 from transferlab.service import create_app
 
-from .conftest import chromium_path, served
+from ..conftest import chromium_path, served
 
 
 @pytest.fixture(scope="module")
