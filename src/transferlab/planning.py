@@ -49,7 +49,7 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
         cands = candidate_sizes(native, default)
         sizes = sorted({cands[0], cands[-1]})
     else:
-        sizes = [useful_size(native, default)]
+        sizes = [useful_size(native, default, finetune)]
     model = Classifier(backbone, build_head(info.num_features, len(ds.classes)), info.preprocessing)
     train_paths = [s.path for s in ds.samples if s.split == "train"]
     costs = measure_costs(model, info.preprocessing, sizes, sample_paths(train_paths, seed=cfg.seed),

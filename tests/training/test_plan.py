@@ -73,6 +73,9 @@ def test_no_budget_plan_estimates_and_validates_long_epochs_inside():
     fixed = make_plan(native=28, default_size=224, n_extract=10, n_train=10, n_val=0, n_test=0, costs=_costs(),
                       finetune=False, budget_s=None, image_size=96)
     assert fixed.image_size == 96 and not fixed.finetune
+    frozen = make_plan(native=28, default_size=224, n_extract=10, n_train=10, n_val=0, n_test=0, costs=_costs(),
+                       finetune=False, budget_s=None)
+    assert frozen.image_size == 224 and any("frozen features" in r for r in frozen.reasons)
 
 
 def test_measure_costs_grow_with_size_and_restore_the_model(photos_dir):
@@ -124,6 +127,7 @@ def test_probe_head_binary_and_missing_class():
     from sklearn.linear_model import LogisticRegression
 
     std = (x - x.mean(0)) / np.sqrt(x.var(0, ddof=1).mean())
+    std = std / np.maximum(std.std(0), 0.1)  # each feature to unit variance (scikit-learn's StandardScaler)
     ref = LogisticRegression(C=res.c, max_iter=500).fit(std, y).predict_proba(std)
     assert np.allclose(p.numpy(), ref, atol=1e-3)
 

@@ -34,6 +34,8 @@ log = logging.getLogger("transferlab")
 
 #: Inverse regularisation strengths tried on standardised features (unit mean variance).
 PROBE_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
+#: The probe standardises each feature by its training spread, but never below this share of the average.
+PROBE_SPREAD_FLOOR = 0.1
 
 
 @dataclass
@@ -118,6 +120,11 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     mean, scale = std.mean.numpy().astype(np.float64), float(std.scale)
     xtr = (np.asarray(train_x, np.float64) - mean) / scale
     xva = (np.asarray(val_x, np.float64) - mean) / scale
+    # each feature to unit variance for the fit (scikit-learn's StandardScaler), its factor folded into the
+    # weights below, so the model keeps its one Standardize layer; a feature nearly constant in training is
+    # amplified at most 1/PROBE_SPREAD_FLOOR times
+    spread = np.maximum(xtr.std(0), PROBE_SPREAD_FLOOR) if len(xtr) > 1 else np.ones(xtr.shape[1])
+    xtr, xva = xtr / spread, xva / spread
     weights = cfg.class_weights
     if weights is None and cfg.balance_sampler:
         weights = balanced_class_weights(train_y, num_classes)
@@ -167,6 +174,7 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
         bias[final.classes_] = [-final.intercept_[0] / 2, final.intercept_[0] / 2]
     else:
         coef[final.classes_], bias[final.classes_] = final.coef_, final.intercept_
+    coef = coef / spread  # back to the Standardize layer's scale
     bias[np.setdiff1d(np.arange(num_classes), present)] = -30.0  # never predict a class absent from training
     with torch.no_grad():
         head[-1].weight.copy_(torch.from_numpy(coef).float())

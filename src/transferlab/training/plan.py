@@ -48,10 +48,13 @@ def _round32(x: float) -> int:
     return int(max(MIN_SIZE, 32 * round(x / 32)))
 
 
-def useful_size(native: int | None, default: int) -> int:
-    """The input size without a budget: the backbone's own size, except for small images, which are
-    upsampled at most :data:`MAX_UPSAMPLE` times (a 28 px image runs at 112, not 224)."""
-    if native is None:
+def useful_size(native: int | None, default: int, finetune: bool = True) -> int:
+    """The input size without a budget: the backbone's own size, except that for fine-tuning small images
+    are upsampled at most :data:`MAX_UPSAMPLE` times (a 28 px image trains at 128, not 224). Frozen features
+    alone (``finetune`` False: a head, prototypes) always use the backbone's own size: a frozen network is
+    best at the scale it was trained at (Touvron et al., "Fixing the train-test resolution discrepancy",
+    2019), and on every dataset of ``bench/accuracy.py`` the probe at 224 px beat 4x the images' size."""
+    if native is None or not finetune:
         return default
     return min(default, _round32(MAX_UPSAMPLE * native))
 
@@ -235,7 +238,7 @@ def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train:
         image_size: the user's ``--image-size`` (then only the fine-tuning length is planned).
     """
     reasons: list[str] = []
-    useful = useful_size(native, default_size)
+    useful = useful_size(native, default_size, finetune)
     if image_size:
         sizes = [image_size]
         reasons.append(f"input size {image_size}px as asked (--image-size)")
@@ -244,6 +247,9 @@ def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train:
         if useful != default_size:
             reasons.append(f"input size {useful}px: {MAX_UPSAMPLE}x the images' own {native}px "
                            f"(the backbone's {default_size}px would cost {(default_size / useful) ** 2:.1f}x)")
+        elif not finetune and native and native * MAX_UPSAMPLE < default_size:
+            reasons.append(f"input size {default_size}px, the backbone's own, for frozen features (the images "
+                           f"are ~{native}px): a frozen network is most accurate at the size it was trained at")
     else:
         sizes = [s for s in candidate_sizes(native, default_size)]
     want = min(float(max_epochs), target_epochs(n_train)) if budget_s is not None else float(max_epochs)
