@@ -134,6 +134,10 @@ def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
     async def _start() -> None:  # noqa: ANN202
         await batcher.start()
 
+    @app.on_event("shutdown")
+    async def _stop() -> None:  # noqa: ANN202
+        await batcher.stop()  # its loop task ends with the server, not as a pending task at interpreter exit
+
     @app.exception_handler(HTTPProblem)
     async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -34,8 +35,12 @@ class Batcher:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """End the batching loop and wait for it (the server's shutdown)."""
         if self._task is not None:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
     async def submit(self, images: Sequence[Any]) -> np.ndarray:
         """Probabilities for ``images`` (queued behind earlier requests)."""
