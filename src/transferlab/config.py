@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tomllib
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,10 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # the same parser, as a package before Python 3.11
+                import tomli as tomllib
             values = tomllib.loads(text)
         elif path.suffix.lower() == ".json":
             values = json.loads(text)
