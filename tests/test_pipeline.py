@@ -313,6 +313,11 @@ def test_config_file_sets_options_and_flags_win(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["train", str(tmp_path), "--config", str(bad), "-q"]) == 2
     assert "unknown option(s) 'mdoe'" in capsys.readouterr().err
+    yaml = tmp_path / "options.yaml"
+    yaml.write_text("mode: head\n")
+    assert main(["train", str(tmp_path), "--config", str(yaml), "-q"]) == 2
+    said = capsys.readouterr().err
+    assert "expected a .toml or .json file" in said and "cannot read it" not in said
 
 
 def test_a_usage_error_is_a_message_not_a_traceback(capsys):

@@ -26,7 +26,7 @@ from .data.transforms import Preprocessing
 from .errors import ArtifactError, TransferlabError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Artifact", "open_artifact", "save_artifact", "load_artifact", "build_classifier",
-           "load_openset", "read_config", "model_summary", "package_versions"]
+           "load_openset", "model_summary", "package_versions"]
 
 FORMAT = "transferlab-model"
 FORMAT_VERSION = 1
@@ -141,11 +141,6 @@ def open_artifact(path: str | os.PathLike[str]) -> Artifact:
             raise ArtifactError(f"'{cfg_path}' lacks the '{key}' entry.")
     _check_bounds(cfg, cfg_path)
     return Artifact(root, cfg)
-
-
-def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """An artifact's checked ``config.json`` (see :func:`open_artifact`)."""
-    return open_artifact(path).config
 
 
 #: Bounds on the numbers of a config.json from elsewhere: a head width of 10^9 is an error, not an OOM.

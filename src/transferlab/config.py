@@ -184,18 +184,19 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         head = [512]
     """
     path = Path(path)
+    kind = path.suffix.lower()
+    if kind not in (".toml", ".json"):
+        raise ConfigError(f"--config '{path}': expected a .toml or .json file.")
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".toml":
+        if kind == ".toml":
             if sys.version_info >= (3, 11):
                 import tomllib
             else:  # the same parser, as a package before Python 3.11
                 import tomli as tomllib
             values = tomllib.loads(text)
-        elif path.suffix.lower() == ".json":
-            values = json.loads(text)
         else:
-            raise ConfigError(f"--config '{path}': expected a .toml or .json file.")
+            values = json.loads(text)
     except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError and json's errors are ValueErrors
         raise ConfigError(f"--config '{path}': cannot read it: {exc}") from None
     if not isinstance(values, dict):
