@@ -5,15 +5,13 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from rich.console import Console
-
-from .events import emit
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-__all__ = ["progress_bar", "console"]
+from ._console import err
+from .events import emit
 
-console = Console(stderr=True)
+__all__ = ["progress_bar"]
 
 
 class _Bar:
@@ -38,6 +36,6 @@ def progress_bar(description: str, total: int, quiet: bool = False) -> Iterator[
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as p:
+    with Progress(*columns, console=err, transient=False) as p:
         task = p.add_task(description, total=total)
         yield _Bar(p, task, description, total)

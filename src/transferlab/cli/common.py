@@ -8,20 +8,17 @@ import sys
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
+
+from .._console import err, log_handler, out
 
 __all__ = ["out", "err", "setup_logging", "print_json", "csv_ints", "whole_names"]
 
-#: A pipe or a file has no width: tables there are as wide as their content (up to 200 columns), not 80.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
 
 
 def setup_logging(quiet: bool) -> None:
     log = logging.getLogger("transferlab")
-    log.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
+    log.handlers[:] = [log_handler()]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
 
