@@ -17,7 +17,10 @@ and the probe come first on every dataset, then the estimate check, the head run
   probe     frozen backbone features at the backbone's own preprocessing (224 px for efficientnet_lite0),
             scikit-learn logistic regression on standardised features, C chosen on val accuracy
   head      `transferlab train DATA --mode head`
-  <budget>  `transferlab train DATA --time-limit <budget>` (the default mode: head, then fine-tuning)
+  <budget>  `transferlab train DATA --time-limit <budget>` (the default: the race of training recipes)
+  <budget>-single  the same with `--recipe single` (one fine-tuning recipe after the head, as before the race)
+  nolimit   `transferlab train DATA` without a time limit (the race on the plan's estimate, early stopping)
+`--runs` picks the runs (e.g. `--runs 15m,15m-single`); by default every budget, the probe and the head.
 Results are appended to OUT/results.jsonl as they come (a run that was done is not run again) and
 printed as one markdown table. `--estimate-check` runs full Fashion-MNIST without a time limit and
 one fine-tuning epoch, and compares the plan's estimate of an epoch with the measured first epoch.
@@ -121,8 +124,13 @@ def measure(name: str, kind: str, data: Path, root: Path, backbone: str) -> dict
                "--backbone", backbone]
         if kind == "estimate":  # not quiet: its log shows the plan printed before fine-tuning
             cmd += ["--ft-epochs", "1"]
+        elif kind == "head":
+            cmd += ["--quiet", "--mode", "head"]
+        elif kind == "nolimit":
+            cmd += ["--quiet"]
         else:
-            cmd += ["--quiet"] + (["--mode", "head"] if kind == "head" else ["--time-limit", kind])
+            budget, _, recipe = kind.partition("-")
+            cmd += ["--quiet", "--time-limit", budget] + (["--recipe", recipe] if recipe else [])
     rc, wall, rss = run_child(cmd, log)
     row = {"dataset": name, "run": kind, "rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
     if rc != 0:
@@ -135,6 +143,7 @@ def measure(name: str, kind: str, data: Path, root: Path, backbone: str) -> dict
     row["first_epoch_s"] = first_epoch_seconds(run)
     row.update({"test_accuracy": m["test"]["accuracy"], "val_accuracy": (m.get("val") or {}).get("accuracy"),
                 "plan": m.get("plan"), "finetune": m.get("finetune"), "timing": m.get("timing"),
+                "strategy": m.get("strategy"), "budget": m.get("budget"),
                 "n_images": m.get("n_images")})
     return row
 
@@ -150,8 +159,8 @@ def table(rows: list[dict]) -> str:
     by: dict[str, dict[str, dict]] = {}
     for r in rows:
         by.setdefault(r["dataset"], {})[r["run"]] = r
-    lines = ["| dataset | train/val/test | run | test acc | vs probe | wall (s) | peak RSS (MB) | what the plan chose |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | train/val/test | run | test acc | vs probe | wall (s) | unused (s) | peak RSS (MB) | "
+             "what the plan and the race chose |", "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in by.items():
         base = (runs.get("probe") or {}).get("test_accuracy")
         for kind, r in runs.items():
@@ -161,11 +170,12 @@ def table(rows: list[dict]) -> str:
             sizes = f"{n.get('train', '?')}/{n.get('val', '?')}/{n.get('test', '?')}"
             acc = r.get("test_accuracy")
             if acc is None:
-                lines.append(f"| {name} | {sizes} | {kind} | failed (rc {r['rc']}) | | {r['wall_s']} | {r['peak_rss_mb']} | |")
+                lines.append(f"| {name} | {sizes} | {kind} | failed (rc {r['rc']}) | | {r['wall_s']} | | {r['peak_rss_mb']} | |")
                 continue
             margin = f"{100 * (acc - base):+.2f} pts" if base is not None and kind != "probe" else ""
+            unused = (r.get("budget") or {}).get("unused_s")
             lines.append(f"| {name} | {sizes} | {kind} | {acc:.4f} | {margin} | {r['wall_s']:.0f} | "
-                         f"{r['peak_rss_mb']} | {describe(r)} |")
+                         f"{'' if unused is None else f'{unused:.0f}'} | {r['peak_rss_mb']} | {describe(r)} |")
     return "\n".join(lines)
 
 
@@ -183,6 +193,14 @@ def describe(r: dict) -> str:
             text += " (time limit)"
     elif r["run"] != "head":
         text += ", no fine-tuning"
+    race = r.get("strategy")
+    if race:
+        rungs = "; ".join(f"{c['name']} {max((g['val_acc'] for g in c['rungs']), default=float('nan')):.3f}"
+                          for c in race["candidates"] if c["rungs"])
+        text += f"; race: {rungs or race['reason']}; winner {race['winner']}"
+    budget = r.get("budget") or {}
+    if budget.get("unused_s"):
+        text += f"; unused: {budget['why']}"
     return text
 
 
@@ -207,6 +225,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/transferlab-accuracy")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--estimate-check", action="store_true")
+    ap.add_argument("--runs", default=None, help="only these runs, comma-separated (e.g. 15m,15m-single,nolimit)")
     ap.add_argument("--table-only", action="store_true", help="print the table of the results so far")
     ap.add_argument("--probe-only", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--probe-out", type=Path, help=argparse.SUPPRESS)
@@ -224,6 +243,9 @@ def main() -> None:
     jobs = [(d, k) for d in names for k in (budgets[0], "probe")]
     jobs += [("fmfull", "estimate")] if args.estimate_check else []
     jobs += [(d, k) for k in ["head", *budgets[1:]] for d in names]
+    if args.runs:
+        wanted = args.runs.split(",")
+        jobs = [(d, k) for d in names for k in wanted]
     for name, kind in ([] if args.table_only else jobs):
         if (name, kind) in done:
             continue

@@ -19,13 +19,16 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "DEFAULT_BACKBONE", "MODES", "BALANCE", "read_config_file", "config_from_dict",
-           "duration_seconds"]
+__all__ = ["TrainConfig", "DEFAULT_BACKBONE", "MODES", "BALANCE", "RECIPES", "CANDIDATE_NAMES", "read_config_file",
+           "config_from_dict", "duration_seconds"]
 
 #: The backbone every command uses unless told otherwise (weights bundled offline).
 DEFAULT_BACKBONE = "efficientnet_lite0"
 MODES = ("head", "finetune", "auto", "knn")
 BALANCE = ("none", "weights", "sampler")
+RECIPES = ("race", "single")
+#: The training recipes a race may try (described in transferlab.strategy).
+CANDIDATE_NAMES = ("recipe", "bn-adapt", "orient", "transfer", "scratch")
 
 
 @dataclass
@@ -98,6 +101,8 @@ class TrainConfig:
     dedupe: bool = False
     diagnose: bool = True
     task: str = "auto"
+    recipe: str = "race"
+    candidates: tuple[str, ...] = ()
 
     def validate(self) -> "TrainConfig":
         """Check values; raises :class:`ConfigError` quoting the bad value."""
@@ -108,6 +113,12 @@ class TrainConfig:
             raise ConfigError(f"task {self.task!r}: expected one of {', '.join(TASKS)}.")
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}.")
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe {self.recipe!r}: expected one of {', '.join(RECIPES)}.")
+        unknown = sorted(set(self.candidates) - set(CANDIDATE_NAMES))
+        if unknown:
+            raise ConfigError(f"candidates {', '.join(map(repr, unknown))}: expected some of "
+                              f"{', '.join(CANDIDATE_NAMES)}.")
         if self.balance not in BALANCE:
             raise ConfigError(f"balance {self.balance!r}: expected one of {', '.join(BALANCE)}.")
         if self.augment not in AUGMENT_PRESETS:
@@ -137,6 +148,8 @@ class TrainConfig:
         if self.freeze_epochs != 1 and self.mode in ("auto", "head", "knn"):
             out.append(f"--freeze-epochs {self.freeze_epochs} is for --mode finetune: in mode {self.mode} the head "
                        "is trained first, so fine-tuning starts unfrozen.")
+        if self.candidates and self.recipe == "single":
+            out.append("--candidates are raced only with --recipe race: --recipe single trains the one recipe.")
         if self.aug_views and self.mode == "finetune":
             out.append("--aug-views is for the head on cached features: --mode finetune augments on the fly.")
         return out

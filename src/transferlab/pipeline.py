@@ -32,12 +32,15 @@ from .evaluation.calibration import expected_calibration_error
 from .evaluation.metrics import classification_metrics
 from .evaluation.multilabel import MultiLabelResult
 from .evaluation.outputs import SplitResult, write_run_outputs
+from .evaluation.race_report import race_section
 from .evaluation.sections import report_sections
 from .events import emit
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor, default_workers
 from .planning import plan_finetune, plan_run
+from .strategy import budget_record, decision_record, portfolio, run_strategy, skips_head, with_race_estimate
 from .predict import Predictor
+from .runtime import seed_cpu
 from .probability import apply_temperature, calibrated_nll, fit_temperature, softmax
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
@@ -163,7 +166,7 @@ class _SeededView:
 
     def __call__(self, img):
         h = zlib.crc32(img.tobytes()[:4096]) ^ (self.seed * 7919 + self.view * 104729)
-        torch.manual_seed(h)
+        seed_cpu(h)
         return self.transform(img)
 
 
@@ -179,6 +182,18 @@ def _load_resume(run: Path) -> tuple[str, TrainConfig]:
         raise ConfigError(f"cannot resume '{run}': it has no train_config.json (is it a transferlab run directory?).")
     saved = json.loads(path.read_text(encoding="utf-8"))
     return str(run / "split.csv"), TrainConfig(**config_from_dict(saved["config"], str(path), strict=False))
+
+
+def _saved_winner(run: Path) -> str | None:
+    """The race's survivor recorded in an interrupted run's ``plan.json`` (``None``: none recorded)."""
+    path = run / "plan.json"
+    race = json.loads(path.read_text(encoding="utf-8")).get("race") if path.is_file() else None
+    return (race or {}).get("winner")
+
+
+def _world_size(cfg: TrainConfig) -> int:
+    """Processes that train together: the launcher's world, or ``devices x num_nodes``."""
+    return max(int(os.environ.get("WORLD_SIZE", "1") or 1), cfg.devices * cfg.num_nodes)
 
 
 def _first_process() -> bool:
@@ -268,6 +283,17 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
 
         return train_multilabel(run, data, ds, cfg, backbone, info, plan, use_head, use_ft, skipped,
                                 notes, t_start, wall_start, deadline, resume)
+    candidates = None
+    if cfg.recipe == "race" and use_ft and _world_size(cfg) > 1:
+        notes.append("--recipe race runs in one process: a distributed run trains the single recipe.")
+        log.warning(notes[-1])
+    elif cfg.recipe == "race" and use_ft:
+        n_train = sum(1 for s in ds.samples if s.split == "train")
+        candidates = portfolio(plan.native_size, n_train, info.pretrained, cfg.candidates)
+        if use_head and skips_head(candidates):
+            use_head = False
+            plan.reasons.append(f"no frozen-feature head: the race is {' against '.join(c.name for c in candidates)} "
+                                "(small images in large numbers)")
     history = History(run / "logs" / "history.csv", "head")
     stats: dict[str, Any] = {"extract_s": 0.0, "head_s": 0.0, "features_computed": 0, "features_cached": 0}
     results: dict[str, SplitResult] = {}
@@ -280,6 +306,8 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     t_ft = time.perf_counter()
     if use_ft:
         plan = plan_finetune(plan, ds, cfg, model, info, stats, wall_start)
+        if candidates and plan.finetune:
+            plan = with_race_estimate(plan, candidates)
         _announce(plan, run)
         use_ft = plan.finetune
     if use_ft:
@@ -293,9 +321,19 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
             class_weights=balanced_class_weights(ytr, n_classes) if cfg.loss_weights else None,
             initial_val_loss=calibrated_nll(results["val"].probs, results["val"].y_true)
             if use_head and not resume and "val" in results else None)
-        ft = fit_finetune(model, [s.path for s in train_s], ytr.tolist(), [s.path for s in val_s],
-                          _labels(val_s, ds.classes).tolist(), ft_cfg, run, history, resume=resume,
-                          pretrained=info.pretrained)
+        train_xy = ([s.path for s in train_s], ytr.tolist())
+        val_xy = ([s.path for s in val_s], _labels(val_s, ds.classes).tolist())
+        if candidates:
+            outcome = run_strategy(candidates, model, info, ft_cfg, plan, native=plan.native_size, train=train_xy,
+                                   val=val_xy, run=run, history=history, n_classes=n_classes, head_trained=use_head,
+                                   resume=resume, winner=_saved_winner(run) if resume else None,
+                                   decided=lambda race: write_json(run / "plan.json", {**plan.to_dict(), "race": race}))
+            ft, info = outcome.ft, outcome.info
+            plan = replace(plan, race=outcome.record)
+            write_json(run / "plan.json", plan.to_dict())
+        else:
+            ft = fit_finetune(model, *train_xy, *val_xy, ft_cfg, run, history, resume=resume,
+                              pretrained=info.pretrained)
         if not ft.is_global_zero:
             return RunResult(run, {}, run / "model", is_global_zero=False)
         model = ft.model
@@ -314,7 +352,7 @@ def finetune_config(cfg: TrainConfig, plan: Plan, use_head: bool, deadline: floa
     return FinetuneConfig(
         epochs=plan.epochs, lr=cfg.ft_lr, freeze_epochs=0 if use_head else cfg.freeze_epochs,
         head_lr=None if use_head else 2 * cfg.ft_lr, val_every=plan.val_every,
-        discard_after_s=(plan.budget_s or plan.estimate.get("total", 0.0)) / 3,
+        discard_after_s=plan.budget_s / 3 if plan.budget_s else None,  # without a limit: early stopping only
         unfreeze=cfg.unfreeze, frozen_stride=cfg.frozen_stride, weight_decay=cfg.weight_decay,
         label_smoothing=0.0 if multilabel else cfg.ft_label_smoothing,
         batch_size=cfg.ft_batch_size, patience=cfg.ft_patience, grad_clip=cfg.grad_clip, augment=cfg.augment,
@@ -384,6 +422,7 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
               "head_s": round(stats["head_s"], 4), "finetune_s": round(ft_s, 4),
               "features_computed": stats["features_computed"], "features_cached": stats["features_cached"]}
     warnings = list(audit_warnings)
+    budget = budget_record(cfg.time_limit, total_s, ft)
     if ft is not None and not ft.improved:
         why = " (stopped once a third of the budget had gone without gain)" if ft.stopped_unpaid else ""
         warnings.append(f"fine-tuning did not beat the head on the validation split{why}; the head was kept.")
@@ -412,6 +451,7 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
         "training": {"mode": cfg.mode, "config": _jsonable(asdict(cfg)), "n_images": n_images,
                      "head_epochs": stats.get("epochs_run"), "finetune_epochs": ft.epochs_run if ft else 0,
                      "data": str(Path(data).resolve()), "split_csv": str((run / "split.csv").resolve())},
+        "decision": decision_record(plan.race if plan else None),
         "metrics": {"test_accuracy": headline.get("test", {}).get("accuracy"),
                     "test_macro_f1": headline.get("test", {}).get("macro_f1"),
                     "val_accuracy": headline.get("val", {}).get("accuracy")},
@@ -422,6 +462,8 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
                               openset=openset)
     sections, extra = report_sections(model, ds.classes, results.get("test"), results.get("val"), calibration,
                                       val_before, seed=cfg.seed)
+    if plan is not None and plan.race:
+        sections = [race_section(plan.race, budget), *sections]
     diagnosis = stats.get("diagnosis")
     if diagnosis is not None:
         sections, extra = sections + diagnosis.sections(), {**extra, **diagnosis.metrics()}
@@ -434,7 +476,8 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
                                                "calibration": calibration, "plan": plan.to_dict() if plan else None,
                                                "open_set": {**openset.record(), "test_accepted":
                                                             stats.get("openset_test_accepted")} if openset else None,
-                                               "finetune": _finetune_record(ft, ft_s), **extra},
+                                               "finetune": _finetune_record(ft, ft_s),
+                                               "strategy": plan.race if plan else None, "budget": budget, **extra},
                                 extra_sections=sections,
                                 title=f"transferlab: {Path(data).name}", top_k=cfg.top_k)
     return RunResult(run, metrics, model_dir, warnings)

@@ -15,7 +15,15 @@ from typing import Iterator
 import torch
 
 __all__ = ["pick_device", "cpu_has_bf16", "autocast", "prepare_model", "to_device_batch",
-           "keep_freed_memory"]
+           "keep_freed_memory", "seed_cpu"]
+
+
+def seed_cpu(seed: int) -> None:
+    """Seed the CPU generator that augmentations draw from, as ``torch.manual_seed`` does for the CPU, at a
+    fraction of its cost: ``torch.manual_seed`` also seeds every accelerator's generators and, in torch
+    2.14 under Lightning, took up to 1.5 ms a call, most of a small image's training step when called per
+    image (the ``default_generator`` call takes about 1 us; both give the same numbers on the CPU)."""
+    torch.default_generator.manual_seed(seed)
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -35,7 +35,8 @@ def _finetune_rows(run: Path) -> int:
 
 
 def test_sigkill_then_resume_matches_uninterrupted(digits_dir, tmp_path):
-    args = [str(digits_dir), "--mode", "finetune", "--ft-epochs", "2", "--freeze-epochs", "1", "--seed", "5", *FAST]
+    args = [str(digits_dir), "--mode", "finetune", "--ft-epochs", "2", "--freeze-epochs", "1", "--seed", "5",
+            "--recipe", "single", *FAST]
     full = _cli("train", *args, "--out", str(tmp_path / "full"))
     killed = _cli("train", *args, "--out", str(tmp_path / "killed"))
     deadline = time.time() + 300
@@ -61,7 +62,7 @@ def test_sigkill_then_resume_matches_uninterrupted(digits_dir, tmp_path):
 
 def test_time_limit_plans_the_epochs(digits_dir, tmp_path):
     res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=200, ft_patience=200, time_limit=60,
-                image_size=64, workers=0, quiet=True, diagnose=False)
+                image_size=64, workers=0, quiet=True, diagnose=False, recipe="single")
     plan = res.metrics["plan"]
     assert plan["budget_s"] == 60 and plan["image_size"] == 64
     assert plan["epochs"] <= 8  # what is worth planning for 140 images, not the 200 allowed
@@ -90,7 +91,7 @@ def test_the_deadline_stops_a_run_the_plan_thought_would_fit(digits_dir, tmp_pat
 
     monkeypatch.setattr(Deadline, "clock", staticmethod(fast_clock))
     res = train(digits_dir, tmp_path / "run", mode="finetune", ft_epochs=200, ft_patience=200, freeze_epochs=0,
-                time_limit=600, image_size=64, workers=0, quiet=True, diagnose=False)
+                time_limit=600, image_size=64, workers=0, quiet=True, diagnose=False, recipe="single")
     assert res.metrics["plan"]["epochs"] == 200
     assert res.metrics["stopped_by_time"] is True
     assert res.metrics["finetune"]["epochs_run"] < 200 and not res.metrics["finetune"]["stopped_unpaid"]

@@ -142,7 +142,14 @@ def train_cmd(
     unfreeze: str = typer.Option(_D.unfreeze, "--unfreeze", help="'all' or the number of top stages to train."),
     frozen_stride: int = typer.Option(_D.frozen_stride, "--frozen-stride", help="Pretrained stages at this output stride or "
                                       "finer stay frozen when fine-tuning (0: train them too)."),
-    augment: str = typer.Option(_D.augment, "--augment", help="none, light or strong (fine-tuning)."),
+    augment: str = typer.Option(_D.augment, "--augment",
+                                help="none, light, strong or orient (flips and 90-degree turns) in fine-tuning."),
+    recipe: str = typer.Option(_D.recipe, "--recipe",
+                               help="race: race a few training recipes on validation and give the winner the rest "
+                                    "of the budget; single: the one fine-tuning recipe."),
+    candidates: Optional[str] = typer.Option(None, "--candidates",
+                                             help="Recipes to race, comma-separated (default: chosen from the data): "
+                                                  "recipe, bn-adapt, orient, transfer, scratch."),
     aug_views: int = typer.Option(_D.aug_views, "--aug-views", help="Head mode: cache K augmented views per training image."),
     balance: str = typer.Option(_D.balance, "--balance", help="none, weights (loss weighted by inverse class "
                                 "frequency) or sampler (classes drawn evenly)."),
@@ -189,7 +196,8 @@ def train_cmd(
                    cache_dir=str(cache_dir) if cache_dir else None, no_cache=no_cache, workers=workers,
                    device=device, accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
                    mixed_precision=not no_amp, quiet=quiet or as_json, dedupe=dedupe,
-                   diagnose=diagnose, task=task)
+                   diagnose=diagnose, task=task, recipe=recipe,
+                   candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()) if candidates else ())
     # typer may bring its own copy of click, so the parameter source is compared by name
     given = {p.name: p.opts[0] for p in ctx.command.params
              if getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"}

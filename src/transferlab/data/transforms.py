@@ -25,7 +25,7 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
-AUGMENT_PRESETS = ("none", "light", "strong")
+AUGMENT_PRESETS = ("none", "light", "strong", "orient")
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,22 @@ class EvalTransform:
         return to_uint8_tensor(img.resize((size, size), _RESAMPLE[self.pre.interpolation], box=box, reducing_gap=3.0))
 
 
+class _QuarterTurn:
+    """Turns a picture by 0, 90, 180 or 270 degrees, uniformly (torch's random generator, so seeded)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        k = int(torch.randint(0, 4, ()).item())
+        return img if k == 0 else img.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                                                 Image.Transpose.ROTATE_270)[k - 1])
+
+
 class TrainTransform:
     """Random augmentation for fine-tuning: ``light`` (a random crop of 75-100% of the image, resized,
     and a horizontal flip: a few epochs of fine-tuning gain from mild augmentation and lose from crops
     that cut the evidence away; BENCHMARKS.md) or ``strong`` (crops of 35-100%, RandAugment, colour
-    jitter: for long runs). ``none`` is the evaluation transform."""
+    jitter: for long runs) or ``orient`` (the light crop, then flips on both axes and turns by multiples of
+    90 degrees: for pictures with no up, as in microscopy, cells or aerial views). ``none`` is the
+    evaluation transform."""
 
     def __init__(self, pre: Preprocessing, preset: str = "light") -> None:
         if preset not in AUGMENT_PRESETS:
@@ -131,6 +142,8 @@ class TrainTransform:
                                     interpolation=interp, antialias=True),
                 T.RandomHorizontalFlip(),
             ]
+            if preset == "orient":
+                ops += [T.RandomVerticalFlip(), _QuarterTurn()]
             if preset == "strong":
                 ops += [T.RandAugment(num_ops=2, magnitude=9, interpolation=interp), T.ColorJitter(0.2, 0.2, 0.2, 0.02)]
             self._ops = T.Compose(ops)

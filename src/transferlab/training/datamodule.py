@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..data.loader import ImageFiles, collate_images, worker_init
 from ..data.transforms import EvalTransform, Preprocessing, TrainTransform
+from ..runtime import seed_cpu
 
 __all__ = ["FinetuneData", "EpochSeededSampler"]
 
@@ -60,7 +61,7 @@ class _TrainFiles(ImageFiles):
     def __getitem__(self, i: int):
         n = len(self.paths)
         epoch, j = divmod(int(i), n)
-        torch.manual_seed(zlib.crc32(f"{self.seed}:{epoch}:{self.paths[j]}".encode()))
+        seed_cpu(zlib.crc32(f"{self.seed}:{epoch}:{self.paths[j]}".encode()))
         return super().__getitem__(j)
 
 

@@ -131,11 +131,12 @@ def _decode_cost(paths: Sequence[str], transform: Any) -> float:
 
 def measure_costs(model: nn.Module, pre: Preprocessing, sizes: Sequence[int], sample_paths: Sequence[str], *,
                   batch_size: int = 32, trainable: Sequence[nn.Parameter] | None = None,
-                  mixed_precision: bool = True, workers: int = 2, train: bool = True) -> Costs:
+                  mixed_precision: bool = True, workers: int = 2, train: bool = True, train_bf16: bool = False) -> Costs:
     """Measure per-image costs at ``sizes`` on synthetic batches through ``model`` (uint8 NCHW in, logits
     out, on the CPU), plus decoding ``sample_paths``. ``trainable`` are the parameters a training step
     updates (default all). Decoding runs in ``workers`` processes beside the forward pass, so its cost
-    counts for ``1 / (workers + 1)`` of its time. Restores the parameters' ``requires_grad`` and weights.
+    counts for ``1 / (workers + 1)`` of its time. The training step runs in fp32, as the CPU trains,
+    or in bf16 with ``train_bf16`` (``precision_for``'s ``cpu_bf16``). Restores the parameters' ``requires_grad`` and weights.
     """
     keep_freed_memory()
     device = torch.device("cpu")
@@ -166,8 +167,8 @@ def measure_costs(model: nn.Module, pre: Preprocessing, sizes: Sequence[int], sa
             opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=0.0)
             y = torch.randint(0, 2, (batch_size,))
 
-            def step() -> None:  # fp32, as precision_for trains on the CPU
-                with autocast(device, False):
+            def step() -> None:  # fp32, as precision_for trains on the CPU (bf16 where asked)
+                with autocast(device, train_bf16):
                     loss = nn.functional.cross_entropy(model(x).float()[:, :2], y)
                 loss.backward()
                 opt.step()
@@ -203,6 +204,7 @@ class Plan:
     estimate: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     task: str = "single"  # or "multilabel"
+    race: dict[str, Any] | None = None  # the race of training recipes (transferlab.strategy), once run
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (kept in ``metrics.json`` as ``plan``)."""

@@ -1,0 +1,283 @@
+"""The training strategy: which recipes to try on this data, the race between them, and the survivor's run.
+
+A practitioner with fifteen minutes tries the few things that usually work, looks at validation early,
+drops what does not pay and spends the rest on the winner. :func:`portfolio` proposes the candidates
+from the data (its resolution and size) and the backbone; :func:`run_strategy` races them with
+successive halving (:mod:`transferlab.training.race`) and trains the survivor with the rest of the
+budget. The survivor stops before the deadline only when early stopping on validation says it has
+converged; a fine-tuning that never beats the head it started from leaves the head in place.
+
+Candidates (``--candidates``):
+  recipe     fastai's ``fine_tune`` from the trained head: discriminative rates, EMA, BatchNorm statistics kept
+  bn-adapt   the same with BatchNorm statistics adapted to the data (train mode): for images unlike ImageNet
+  orient     the recipe with flips on both axes and quarter turns (pictures with no up: cells, aerial views)
+  transfer   fine-tuning from a new head (no frozen-feature head first: its extraction would cost too much)
+  scratch    ``simple_cnn`` from scratch at the images' own resolution, in bf16 where the CPU has it
+By default the race is ``recipe`` against ``bn-adapt`` after the head, and for small images in large
+numbers (at most 64 px, at least 10,000 training images) ``transfer`` against ``scratch``, with no
+head: extracting every image at an ImageNet resolution there costs a large share of the budget, and a
+compact CNN at 28 px runs an epoch of 54,000 images in about 40 s on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .backbones.models import BackboneInfo, Classifier, build_head, create_backbone
+from .events import emit
+from .training.callbacks import History
+from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune, precision_for
+from .training.plan import BUDGET_FILL, Plan, measure_costs, sample_paths
+from .training.race import RACE_SHARE, Candidate, Race, RungResult, slice_seconds, successive_halving
+
+__all__ = ["CANDIDATES", "portfolio", "skips_head", "run_strategy", "with_race_estimate", "StrategyOutcome",
+           "budget_record", "decision_record", "SCRATCH_MAX_SIDE",
+           "SCRATCH_MIN_IMAGES"]
+
+log = logging.getLogger("transferlab")
+
+CANDIDATES: dict[str, str] = {
+    "recipe": "fine-tune from the head: discriminative rates, EMA, BatchNorm statistics frozen",
+    "bn-adapt": "fine-tune from the head with BatchNorm statistics adapted to the data",
+    "orient": "fine-tune from the head with flips on both axes and quarter turns",
+    "transfer": "fine-tune the pretrained network from a new head",
+    "scratch": "a compact CNN (simple_cnn) from scratch at the images' own resolution",
+}
+#: The scratch CNN is a candidate for images at most this many pixels on their shorter side ...
+SCRATCH_MAX_SIDE = 64
+#: ... and at least this many training images.
+SCRATCH_MIN_IMAGES = 10_000
+#: The scratch CNN's learning rate (AdamW, one-cycle peak) and batch size.
+SCRATCH_LR = 3e-3
+SCRATCH_BATCH = 128
+#: The survivor's schedule with a time limit fills the time left, up to this many epochs.
+MAX_SURVIVOR_EPOCHS = 40
+
+
+def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = ()) -> list[Candidate]:
+    """The candidates to race: ``names`` if given, else chosen from the images' shorter side ``native``,
+    the number of training images and whether the backbone is pretrained (see the module docstring)."""
+    if not names:
+        if not pretrained:
+            names = ("transfer",)  # the user's own backbone from random weights: nothing to race it against
+        elif native is not None and native <= SCRATCH_MAX_SIDE and n_train >= SCRATCH_MIN_IMAGES:
+            names = ("transfer", "scratch")
+        else:
+            names = ("recipe", "bn-adapt")
+    return [Candidate(n, CANDIDATES[n]) for n in dict.fromkeys(names)]
+
+
+def skips_head(candidates: Sequence[Candidate]) -> bool:
+    """True when no candidate starts from the frozen-feature head, so the head phase is not run."""
+    return all(c.name in ("transfer", "scratch") for c in candidates)
+
+
+@dataclass
+class StrategyOutcome:
+    """The survivor's fine-tuning, its network's backbone description and the race's record."""
+
+    ft: FinetuneResult
+    info: BackboneInfo
+    race: Race
+    record: dict[str, Any]
+
+
+@dataclass
+class _Context:
+    model: Classifier  # the run's backbone with its head (trained, or new when the head phase was skipped)
+    info: BackboneInfo
+    base: FinetuneConfig  # the run's fine-tuning options (plan, deadline, class weights, ...)
+    plan: Plan
+    native: int | None
+    train: tuple[list[str], list[int]]
+    val: tuple[list[str], list[int]]
+    run: Path
+    n_classes: int
+    head_trained: bool
+    epoch_s: dict[str, float] = field(default_factory=dict)
+
+
+def _epoch_seconds(c: Candidate, ctx: _Context) -> float:
+    """Estimated seconds of one training epoch of ``c`` (with its validation): the plan's for the
+    pretrained network; measured on the scratch CNN at its size, in its precision."""
+    if c.name != "scratch":
+        return ctx.plan.estimate.get("finetune_epoch", 0.0)
+    if c.name not in ctx.epoch_s:
+        model, info, cfg, _ = _start(c, ctx)
+        costs = measure_costs(model, info.preprocessing, [info.preprocessing.size],
+                              sample_paths(ctx.train[0], seed=cfg.seed), batch_size=cfg.batch_size,
+                              workers=cfg.workers, train_bf16=precision_for(cfg.accelerator, True, True) != "32-true")
+        size = info.preprocessing.size
+        ctx.epoch_s[c.name] = len(ctx.train[0]) * costs.train_at(size) + len(ctx.val[0]) * costs.eval_at(size)
+    return ctx.epoch_s[c.name]
+
+
+def _start(c: Candidate, ctx: _Context) -> tuple[Classifier, BackboneInfo, FinetuneConfig, bool]:
+    """A fresh copy of the candidate's starting network, its options and whether it is pretrained."""
+    base = ctx.base
+    if c.name == "scratch":
+        size = max(16, int(ctx.native or 32))
+        backbone, info = create_backbone("simple_cnn", pretrained=False, image_size=size)
+        model = Classifier(backbone, build_head(info.num_features, ctx.n_classes), info.preprocessing)
+        cfg = replace(base, lr=SCRATCH_LR, head_lr=SCRATCH_LR, batch_size=SCRATCH_BATCH, freeze_epochs=0,
+                      augment="light", cpu_bf16=True, initial_val_loss=None)
+        return model, info, cfg, False
+    model = copy.deepcopy(ctx.model)
+    if c.name == "transfer" or not ctx.head_trained:
+        cfg = replace(base, freeze_epochs=0, head_lr=2 * base.lr, initial_val_loss=None)
+    else:
+        cfg = base
+    if c.name == "bn-adapt":
+        cfg = replace(cfg, train_bn=True)
+    elif c.name == "orient":
+        cfg = replace(cfg, augment="orient")
+    return model, ctx.info, cfg, ctx.info.pretrained
+
+
+def _fit(c: Candidate, ctx: _Context, cfg: FinetuneConfig, run_dir: Path, history: History,
+         resume: bool = False) -> tuple[FinetuneResult, BackboneInfo]:
+    model, info, own, pretrained = _start(c, ctx)
+    cfg = replace(own, epochs=cfg.epochs, deadline=cfg.deadline, val_every=cfg.val_every,
+                  discard_after_s=cfg.discard_after_s, patience=cfg.patience, reserve_s=cfg.reserve_s,
+                  initial_val_loss=own.initial_val_loss if cfg.initial_val_loss is not None else None,
+                  quiet=cfg.quiet)
+    ft = fit_finetune(model, *ctx.train, *ctx.val, cfg, run_dir, history, resume=resume, pretrained=pretrained)
+    return ft, info
+
+
+def _rung(c: Candidate, ctx: _Context, seconds: float, rung: int) -> RungResult:
+    """One slice of ``seconds`` for ``c``: a short one-cycle schedule planned for the slice (never longer
+    than the run's planned epochs), validated at least twice; with a time limit a deadline ends it at the
+    slice's end (without one, its epochs do). Its checkpoints are removed afterwards."""
+    epoch_s = _epoch_seconds(c, ctx)
+    epochs = min(ctx.plan.epochs, max(0.1, math.floor(10 * seconds / max(epoch_s, 1e-6)) / 10))
+    val_every = min(1.0, max(0.1, math.floor(10 * epochs / 2) / 10)) if epochs < 2 else 1.0
+    deadline = min(time.time() + seconds, ctx.base.deadline) if ctx.base.deadline else None
+    cfg = replace(ctx.base, epochs=epochs, deadline=deadline, val_every=val_every, discard_after_s=None,
+                  patience=10_000, reserve_s=0.0, initial_val_loss=None, quiet=True)
+    folder = ctx.run / "race" / f"{c.name}-rung{rung + 1}"
+    emit("race", candidate=c.name, rung=rung + 1, slice_s=round(seconds, 1), state="start")
+    t0 = time.perf_counter()
+    ft, _ = _fit(c, ctx, cfg, folder, History(None, f"race {c.name}"))
+    took = time.perf_counter() - t0
+    shutil.rmtree(folder, ignore_errors=True)
+    vals = [v for v in ft.validations if v.get("val_acc") is not None]
+    best = max(vals, key=lambda v: (v["val_acc"], -v.get("val_cal_loss", 0.0)), default=None)
+    done = max([v.get("epoch") or 0.0 for v in vals], default=0.0)
+    res = RungResult(float(best["val_acc"]) if best else -1.0,
+                     float(best.get("val_cal_loss", math.nan)) if best else math.nan, took,
+                     [{k: v.get(k) for k in ("seconds", "epoch", "val_acc", "val_cal_loss")} for v in vals],
+                     epochs=float(done))
+    emit("race", candidate=c.name, rung=rung + 1, seconds=round(took, 1), val_acc=res.val_acc, state="done")
+    return res
+
+
+def _survivor_epochs(ctx: _Context, race: Race, epoch_s: float) -> tuple[float, str]:
+    """The survivor's schedule: with a deadline, the epochs that fill the time left (from the epoch time
+    its rung measured), else the run's planned epochs; early stopping ends it sooner once it converges."""
+    if not ctx.base.deadline:
+        return ctx.plan.epochs, f"{ctx.plan.epochs:g} epochs, stopped only by early stopping on validation"
+    measured = [r for rung in race.rungs for r in rung if r["candidate"] == race.winner.name and r["epochs"]]
+    if measured:
+        epoch_s = measured[-1]["seconds"] / measured[-1]["epochs"]
+    left = ctx.base.deadline - time.time() - ctx.base.reserve_s
+    epochs = math.floor(10 * BUDGET_FILL * max(0.0, left) / max(epoch_s, 1e-6)) / 10
+    epochs = float(min(MAX_SURVIVOR_EPOCHS, max(0.1, epochs)))
+    return epochs, f"{epochs:g} epochs to fill the {left:.0f}s left (about {epoch_s:.0f}s an epoch)"
+
+
+def with_race_estimate(plan: Plan, candidates: Sequence[Candidate]) -> Plan:
+    """The plan with the race's seconds in its estimate and a line saying what races (a limit bounds the
+    race and the survivor together; without one the race adds its share of the fine-tuning estimate)."""
+    names = " against ".join(c.name for c in candidates)
+    if len(candidates) < 2:
+        return plan
+    est = dict(plan.estimate)
+    if plan.budget_s is None:
+        est["race"] = RACE_SHARE * est.get("finetune", 0.0)
+        est["total"] = est.get("total", 0.0) + est["race"]
+    line = (f"race: {names} on validation, {RACE_SHARE:.0%} of the fine-tuning time in rungs of successive "
+            "halving; the survivor gets the rest")
+    return replace(plan, estimate=est, reasons=[*plan.reasons, line])
+
+
+def run_strategy(candidates: Sequence[Candidate], model: Classifier, info: BackboneInfo, base: FinetuneConfig,
+                 plan: Plan, *, native: int | None, train: tuple[list[str], list[int]],
+                 val: tuple[list[str], list[int]], run: Path, history: History, n_classes: int,
+                 head_trained: bool, resume: bool = False, winner: str | None = None,
+                 decided: Callable[[dict[str, Any]], None] = lambda record: None) -> StrategyOutcome:
+    """Race ``candidates`` on validation and train the survivor with the rest of the budget.
+
+    ``base``: the run's fine-tuning options (its deadline bounds the race and the survivor; without one
+    the race shares :data:`~transferlab.training.race.RACE_SHARE` of the plan's fine-tuning estimate).
+    ``model``: the run's network with its head, ``head_trained`` when the head phase ran. ``resume``
+    continues the survivor ``winner`` of an interrupted run without racing again. ``decided`` is
+    given the race's record before the survivor trains (the pipeline keeps it in ``plan.json``).
+    """
+    ctx = _Context(model, info, base, plan, native, train, val, run, n_classes, head_trained)
+    if resume or not val[0]:
+        first = next((c for c in candidates if c.name == winner), candidates[0])
+        race = successive_halving([first], 0.0, lambda *_: RungResult(math.nan, math.nan, 0.0))
+        race.reason = "resumed: the interrupted run's survivor continues" if resume else \
+            "no validation images to race on: the first candidate runs"
+    else:
+        # without a limit, the slice is a share of the planned epochs (at the plan's seconds per epoch), so a
+        # race of fine-tuning recipes trains the same epochs on any machine
+        budget = (base.deadline - time.time() - base.reserve_s) if base.deadline else \
+            plan.epochs * plan.estimate.get("finetune_epoch", 0.0)
+        race = successive_halving(candidates, slice_seconds(len(candidates), budget),
+                                  lambda c, s, r: _rung(c, ctx, s, r), announce=_announce)
+    assert race.winner is not None
+    shutil.rmtree(run / "race", ignore_errors=True)  # the rungs' checkpoints
+    if not race.rungs:
+        _announce(f"race: none ({race.reason})")
+    decided(race.to_dict())
+    epochs, why = _survivor_epochs(ctx, race, _epoch_seconds(race.winner, ctx))
+    _announce(f"{race.winner.name}: {why}")
+    cfg = replace(base, epochs=epochs, discard_after_s=None)  # a loser is replaced, never an early exit
+    history.phase = "finetune"
+    t0 = time.perf_counter()
+    ft, winner_info = _fit(race.winner, ctx, cfg, run, history, resume=resume)
+    record = race.to_dict()
+    record["survivor"] = {"name": race.winner.name, "epochs_planned": epochs, "epochs_run": ft.epochs_run,
+                          "seconds": round(time.perf_counter() - t0, 1), "kept": ft.improved,
+                          "stopped_early": ft.stopped_early, "stopped_by_time": ft.stopped_by_time,
+                          "validations": ft.validations, "why": why}
+    emit("race", candidate=race.winner.name, state="survivor done", kept=ft.improved)
+    return StrategyOutcome(ft, winner_info, race, record)
+
+
+def budget_record(limit_s: float | None, total_s: float, ft: FinetuneResult | None) -> dict[str, Any]:
+    """The time limit, the seconds used and unused, and why the run ended where it did."""
+    if ft is None:
+        why = "no fine-tuning in this run"
+    elif ft.stopped_by_time:
+        why = "the time limit stopped the survivor"
+    elif ft.stopped_early:
+        why = "the survivor converged (early stopping on validation)"
+    elif ft.stopped_unpaid:
+        why = "fine-tuning was stopped unpaid (--recipe single's rule)"
+    else:
+        why = "the survivor's planned epochs ended before the limit"
+    return {"limit_s": limit_s, "used_s": round(total_s, 1),
+            "unused_s": round(max(0.0, limit_s - total_s), 1) if limit_s else None, "why": why}
+
+
+def decision_record(race: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What chose this network (``config.json``): the race's winner, the reason and every candidate's fate."""
+    if not race:
+        return None
+    return {"strategy": "race", "winner": race["winner"], "reason": race["reason"],
+            "candidates": {c["name"]: c["status"] for c in race["candidates"]}}
+
+
+def _announce(line: str) -> None:
+    log.info(line)
+    emit("race_line", line=line)

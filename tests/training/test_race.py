@@ -1,0 +1,115 @@
+"""The race of training recipes: successive halving's rules, the portfolio, and a race recorded end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from transferlab.strategy import portfolio, skips_head
+from transferlab.training.race import Candidate, RungResult, slice_seconds, successive_halving
+
+
+def _cands(*names: str) -> list[Candidate]:
+    return [Candidate(n, f"the {n} recipe") for n in names]
+
+
+def test_successive_halving_keeps_the_better_half_and_doubles_the_slice():
+    quality = {"a": 0.6, "b": 0.9, "c": 0.7, "d": 0.8}
+    calls = []
+
+    def run(c, seconds, rung):
+        calls.append((c.name, seconds, rung))
+        return RungResult(quality[c.name] + 0.01 * rung, 1 - quality[c.name], seconds)
+
+    lines = []
+    race = successive_halving(_cands("a", "b", "c", "d"), 10.0, run, announce=lines.append)
+    assert [c for c in calls if c[2] == 0] == [("a", 10.0, 0), ("b", 10.0, 0), ("c", 10.0, 0), ("d", 10.0, 0)]
+    assert sorted(c[0] for c in calls if c[2] == 1) == ["b", "d"] and all(c[1] == 20.0 for c in calls if c[2] == 1)
+    assert race.winner.name == "b"
+    assert race.status == {"a": "dropped after rung 1", "c": "dropped after rung 1", "d": "dropped after rung 2",
+                           "b": "survivor"}
+    record = race.to_dict()
+    assert record["winner"] == "b" and [len(c["rungs"]) for c in record["candidates"]] == [1, 2, 1, 2]
+    assert any("d dropped" in line for line in lines)
+    json.dumps(record, allow_nan=False)
+
+
+def test_a_tie_on_accuracy_goes_to_the_lower_loss_and_a_failed_rung_loses():
+    scores = {"a": (0.8, 0.5), "b": (0.8, 0.3), "c": (float("nan"), float("nan"))}
+    race = successive_halving(_cands("a", "b", "c"), 10.0, lambda c, s, r: RungResult(*scores[c.name], s))
+    assert race.winner.name == "b"
+    json.dumps(race.to_dict(), allow_nan=False)  # a rung that never validated is recorded as null, not NaN
+
+
+def test_no_race_with_one_candidate_or_a_slice_too_short():
+    def never(*_):
+        raise AssertionError("nothing should train in a race that does not run")
+
+    one = successive_halving(_cands("a"), 100.0, never)
+    short = successive_halving(_cands("a", "b"), 1.0, never)
+    assert one.winner.name == short.winner.name == "a" and not short.rungs
+    assert "too short" in short.reason and short.status["b"] == "not raced"
+    with pytest.raises(ValueError):
+        successive_halving([], 10.0, never)
+
+
+def test_slice_shares_the_race_budget_over_every_rung():
+    assert slice_seconds(2, 400.0) == pytest.approx(0.25 * 400 / 2)
+    assert slice_seconds(3, 300.0) == pytest.approx(0.25 * 300 / 3)  # 3 -> 1: one rung
+    assert slice_seconds(4, 800.0) == pytest.approx(0.25 * 800 / (4 + 2 * 2))  # 4 -> 2 at 2x -> 1
+    assert slice_seconds(1, 300.0) == 0.0
+
+
+def test_candidate_names_are_one_list():
+    from transferlab.config import CANDIDATE_NAMES, TrainConfig
+    from transferlab.errors import ConfigError
+    from transferlab.strategy import CANDIDATES
+
+    assert tuple(CANDIDATES) == CANDIDATE_NAMES
+    with pytest.raises(ConfigError, match="'finetun'"):
+        TrainConfig(candidates=("finetun",)).validate()
+    with pytest.raises(ConfigError, match="'best'"):
+        TrainConfig(recipe="best").validate()
+
+
+def test_portfolio_follows_the_data():
+    many_small = portfolio(28, 54_000, True)
+    assert [c.name for c in many_small] == ["transfer", "scratch"] and skips_head(many_small)
+    few_small = portfolio(28, 1_000, True)
+    assert [c.name for c in few_small] == ["recipe", "bn-adapt"] and not skips_head(few_small)
+    assert [c.name for c in portfolio(300, 54_000, True)] == ["recipe", "bn-adapt"]
+    assert [c.name for c in portfolio(28, 54_000, False)] == ["transfer"]
+    assert [c.name for c in portfolio(None, 10, True, ("orient", "recipe", "orient"))] == ["orient", "recipe"]
+
+
+def test_a_race_on_tiny_data_records_every_candidate(digits_dir, tmp_path, monkeypatch):
+    import transferlab.strategy as strategy
+    from transferlab.pipeline import train
+
+    # every rung trains the run's whole (one-epoch) schedule: the race does not depend on this machine's speed
+    monkeypatch.setattr(strategy, "slice_seconds", lambda n, budget: 1e6)
+    res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=1, image_size=64, workers=0, quiet=True,
+                diagnose=False, candidates=("recipe", "bn-adapt", "orient"))
+    race = res.metrics["strategy"]
+    assert [c["name"] for c in race["candidates"]] == ["recipe", "bn-adapt", "orient"]
+    assert all(len(c["rungs"]) == 1 and c["rungs"][0]["validations"] for c in race["candidates"])
+    assert sorted(c["status"] for c in race["candidates"]) == ["dropped after rung 1", "dropped after rung 1",
+                                                              "survivor"]
+    assert race["survivor"]["name"] == race["winner"] and race["survivor"]["epochs_planned"] == 1
+    assert res.metrics["budget"]["limit_s"] is None
+    plan = json.loads((res.run_dir / "plan.json").read_text())
+    assert plan["race"]["winner"] == race["winner"]
+    config = json.loads((res.model_dir / "config.json").read_text())
+    assert config["training"]["decision"]["winner"] == race["winner"]
+    html = (res.run_dir / "report.html").read_text()
+    assert "Training strategy: the race" in html and "bn-adapt" in html
+    assert not (res.run_dir / "race").exists()  # the rungs leave no checkpoints behind
+
+
+def test_recipe_single_keeps_the_one_recipe(digits_dir, tmp_path):
+    from transferlab.pipeline import train
+
+    res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=1, image_size=64, workers=0, quiet=True,
+                diagnose=False, recipe="single")
+    assert res.metrics["strategy"] is None and res.metrics["finetune"]["epochs_run"] >= 1
