@@ -157,8 +157,10 @@ def _rung(c: Candidate, ctx: _Context, seconds: float, rung: int) -> RungResult:
     than the run's planned epochs), validated at least twice; with a time limit a deadline ends it at the
     slice's end (without one, its epochs do). Its checkpoints are removed afterwards."""
     epoch_s = _epoch_seconds(c, ctx)
-    epochs = min(ctx.plan.epochs, max(0.1, math.floor(10 * seconds / max(epoch_s, 1e-6)) / 10))
-    val_every = min(1.0, max(0.1, math.floor(10 * epochs / 2) / 10)) if epochs < 2 else 1.0
+    epochs = max(0.1, math.floor(10 * seconds / max(epoch_s, 1e-6)) / 10)
+    if not ctx.base.deadline:  # without a limit a rung is never longer than the survivor's schedule
+        epochs = min(ctx.plan.epochs, epochs)
+    val_every = min(1.0, max(0.1, math.floor(10 * epochs / 2) / 10)) if epochs < 2 else 1.0  # two passes at least
     deadline = min(time.time() + seconds, ctx.base.deadline) if ctx.base.deadline else None
     cfg = replace(ctx.base, epochs=epochs, deadline=deadline, val_every=val_every, discard_after_s=None,
                   patience=10_000, reserve_s=0.0, initial_val_loss=None, quiet=True)
@@ -233,7 +235,8 @@ def run_strategy(candidates: Sequence[Candidate], model: Classifier, info: Backb
         budget = (base.deadline - time.time() - base.reserve_s) if base.deadline else \
             plan.epochs * plan.estimate.get("finetune_epoch", 0.0)
         race = successive_halving(candidates, slice_seconds(len(candidates), budget),
-                                  lambda c, s, r: _rung(c, ctx, s, r), announce=_announce)
+                                  lambda c, s, r: _rung(c, ctx, s, r), announce=_announce,
+                                  horizon_s=(1 - RACE_SHARE) * budget)
     assert race.winner is not None
     shutil.rmtree(run / "race", ignore_errors=True)  # the rungs' checkpoints
     if not race.rungs:

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from transferlab.strategy import portfolio, skips_head
-from transferlab.training.race import Candidate, RungResult, slice_seconds, successive_halving
+from transferlab.training.race import (RACE_SHARE, Candidate, RungResult, projected_error, slice_seconds,
+                                      successive_halving)
 
 
 def _cands(*names: str) -> list[Candidate]:
@@ -23,10 +24,10 @@ def test_successive_halving_keeps_the_better_half_and_doubles_the_slice():
         return RungResult(quality[c.name] + 0.01 * rung, 1 - quality[c.name], seconds)
 
     lines = []
-    race = successive_halving(_cands("a", "b", "c", "d"), 10.0, run, announce=lines.append)
+    race = successive_halving(_cands("a", "b", "c", "d"), 10.0, run, announce=lines.append, horizon_s=100.0)
     assert [c for c in calls if c[2] == 0] == [("a", 10.0, 0), ("b", 10.0, 0), ("c", 10.0, 0), ("d", 10.0, 0)]
     assert sorted(c[0] for c in calls if c[2] == 1) == ["b", "d"] and all(c[1] == 20.0 for c in calls if c[2] == 1)
-    assert race.winner.name == "b"
+    assert len(calls) == 6 and race.winner.name == "b"
     assert race.status == {"a": "dropped after rung 1", "c": "dropped after rung 1", "d": "dropped after rung 2",
                            "b": "survivor"}
     record = race.to_dict()
@@ -35,10 +36,27 @@ def test_successive_halving_keeps_the_better_half_and_doubles_the_slice():
     json.dumps(record, allow_nan=False)
 
 
+def test_the_last_two_are_judged_at_the_survivors_horizon_not_at_the_slice():
+    # "fast" is ahead after 10 s and 20 s but flattens; "slow" learns steadily and overtakes it by 500 s
+    curve = {"fast": {0: 0.86, 1: 0.87}, "slow": {0: 0.80, 1: 0.85}}
+    race = successive_halving(_cands("fast", "slow"), 10.0,
+                              lambda c, s, r: RungResult(curve[c.name][r], 0.5, s), horizon_s=500.0)
+    assert [len(r) for r in race.rungs] == [2, 2]  # both run twice: slices of 10 s and 20 s
+    assert race.winner.name == "slow"
+    projected = {r["candidate"]: r["projected_val_acc"] for r in race.rungs[-1]}
+    assert projected["slow"] > projected["fast"] > 0.87
+    short = successive_halving(_cands("fast", "slow"), 10.0,
+                               lambda c, s, r: RungResult(curve[c.name][r], 0.5, s), horizon_s=20.0)
+    assert short.winner.name == "fast"  # at the slice's own length, the one ahead wins
+    assert projected_error([(10.0, 0.2)], 100.0) == pytest.approx(0.2)
+    assert projected_error([(10.0, 0.2), (20.0, 0.25)], 100.0) == pytest.approx(0.25)  # no gain: flat
+    assert projected_error([(10.0, 0.2), (20.0, 0.1)], 40.0) == pytest.approx(0.05)  # alpha capped at 1
+
+
 def test_a_tie_on_accuracy_goes_to_the_lower_loss_and_a_failed_rung_loses():
-    scores = {"a": (0.8, 0.5), "b": (0.8, 0.3), "c": (float("nan"), float("nan"))}
+    scores = {"a": (0.8, 0.5), "b": (0.8, 0.3), "c": (-1.0, float("nan"))}
     race = successive_halving(_cands("a", "b", "c"), 10.0, lambda c, s, r: RungResult(*scores[c.name], s))
-    assert race.winner.name == "b"
+    assert race.winner.name == "b" and race.status["c"] == "dropped after rung 1"
     json.dumps(race.to_dict(), allow_nan=False)  # a rung that never validated is recorded as null, not NaN
 
 
@@ -55,9 +73,9 @@ def test_no_race_with_one_candidate_or_a_slice_too_short():
 
 
 def test_slice_shares_the_race_budget_over_every_rung():
-    assert slice_seconds(2, 400.0) == pytest.approx(0.25 * 400 / 2)
-    assert slice_seconds(3, 300.0) == pytest.approx(0.25 * 300 / 3)  # 3 -> 1: one rung
-    assert slice_seconds(4, 800.0) == pytest.approx(0.25 * 800 / (4 + 2 * 2))  # 4 -> 2 at 2x -> 1
+    assert slice_seconds(2, 600.0) == pytest.approx(RACE_SHARE * 600 / (2 + 2 * 2))  # two, twice
+    assert slice_seconds(3, 700.0) == pytest.approx(RACE_SHARE * 700 / (3 + 2 * 2))  # 3 -> 2 at 2x
+    assert slice_seconds(8, 800.0) == pytest.approx(RACE_SHARE * 800 / (8 + 4 * 2 + 2 * 4))  # 8 -> 4 -> 2
     assert slice_seconds(1, 300.0) == 0.0
 
 
@@ -93,8 +111,9 @@ def test_a_race_on_tiny_data_records_every_candidate(digits_dir, tmp_path, monke
                 diagnose=False, candidates=("recipe", "bn-adapt", "orient"))
     race = res.metrics["strategy"]
     assert [c["name"] for c in race["candidates"]] == ["recipe", "bn-adapt", "orient"]
-    assert all(len(c["rungs"]) == 1 and c["rungs"][0]["validations"] for c in race["candidates"])
-    assert sorted(c["status"] for c in race["candidates"]) == ["dropped after rung 1", "dropped after rung 1",
+    assert all(c["rungs"] and c["rungs"][0]["validations"] for c in race["candidates"])
+    assert sorted(len(c["rungs"]) for c in race["candidates"]) == [1, 2, 2]  # 3 -> 2 -> 1
+    assert sorted(c["status"] for c in race["candidates"]) == ["dropped after rung 1", "dropped after rung 2",
                                                               "survivor"]
     assert race["survivor"]["name"] == race["winner"] and race["survivor"]["epochs_planned"] == 1
     assert res.metrics["budget"]["limit_s"] is None
