@@ -34,7 +34,7 @@ from .backbones.models import BackboneInfo, Classifier, build_head, create_backb
 from .events import emit
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune, precision_for
-from .training.plan import BUDGET_FILL, Plan, measure_costs, sample_paths
+from .training.plan import Plan, measure_costs, sample_paths
 from .training.race import RACE_SHARE, Candidate, Race, RungResult, slice_seconds, successive_halving
 
 __all__ = ["CANDIDATES", "portfolio", "skips_head", "run_strategy", "with_race_estimate", "StrategyOutcome",
@@ -57,8 +57,10 @@ SCRATCH_MIN_IMAGES = 10_000
 #: The scratch CNN's learning rate (AdamW, one-cycle peak) and batch size.
 SCRATCH_LR = 3e-3
 SCRATCH_BATCH = 128
-#: The survivor's schedule with a time limit fills the time left, up to this many epochs.
+#: The survivor's schedule with a time limit fills the time left, up to this many epochs ...
 MAX_SURVIVOR_EPOCHS = 40
+#: ... or this share of it (the rest absorbs estimation error; the deadline cuts a schedule that overruns).
+SURVIVOR_FILL = 0.9
 
 
 def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = ()) -> list[Candidate]:
@@ -182,17 +184,24 @@ def _rung(c: Candidate, ctx: _Context, seconds: float, rung: int) -> RungResult:
 
 
 def _survivor_epochs(ctx: _Context, race: Race, epoch_s: float) -> tuple[float, str]:
-    """The survivor's schedule: with a deadline, the epochs that fill the time left (from the epoch time
-    its rung measured), else the run's planned epochs; early stopping ends it sooner once it converges."""
+    """The survivor's schedule: with a deadline, the epochs that fill the time left, at the seconds per
+    epoch its rungs measured (between two rungs of different lengths, so that the fixed cost of starting a
+    fit counts once), else the run's planned epochs; early stopping ends it sooner once it converges."""
     if not ctx.base.deadline:
         return ctx.plan.epochs, f"{ctx.plan.epochs:g} epochs, stopped only by early stopping on validation"
-    measured = [r for rung in race.rungs for r in rung if r["candidate"] == race.winner.name and r["epochs"]]
-    if measured:
-        epoch_s = measured[-1]["seconds"] / measured[-1]["epochs"]
+    runs = [(r["seconds"], r["epochs"]) for rung in race.rungs for r in rung
+            if r["candidate"] == race.winner.name and r["epochs"]]
+    fixed = 0.0
+    if len(runs) >= 2 and runs[-1][1] > runs[-2][1] and runs[-1][0] > runs[-2][0]:
+        (t1, e1), (t2, e2) = runs[-2], runs[-1]
+        epoch_s = (t2 - t1) / (e2 - e1)
+        fixed = max(0.0, t2 - e2 * epoch_s)
+    elif runs:
+        epoch_s = runs[-1][0] / runs[-1][1]
     left = ctx.base.deadline - time.time() - ctx.base.reserve_s
-    epochs = math.floor(10 * BUDGET_FILL * max(0.0, left) / max(epoch_s, 1e-6)) / 10
+    epochs = math.floor(10 * SURVIVOR_FILL * max(0.0, left - fixed) / max(epoch_s, 1e-6)) / 10
     epochs = float(min(MAX_SURVIVOR_EPOCHS, max(0.1, epochs)))
-    return epochs, f"{epochs:g} epochs to fill the {left:.0f}s left (about {epoch_s:.0f}s an epoch)"
+    return epochs, f"{epochs:g} epochs to fill the {left:.0f}s left (about {epoch_s:.0f}s an epoch, {fixed:.0f}s to start)"
 
 
 def with_race_estimate(plan: Plan, candidates: Sequence[Candidate]) -> Plan:
