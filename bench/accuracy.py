@@ -184,7 +184,9 @@ def describe(r: dict) -> str:
         return f"{r['image_size']} px, C={r['C']:g}"
     plan, ft = r.get("plan") or {}, r.get("finetune")
     text = f"{plan.get('image_size', '?')} px"
-    if plan.get("finetune") and ft:
+    if r.get("strategy"):
+        text = f"plan {text} for the pretrained network"
+    elif plan.get("finetune") and ft:
         kept = "kept" if ft.get("kept") else "discarded"
         text += f", fine-tune {plan['epochs']:g} ep planned, {ft['seconds']:.0f} s, {kept}"
         if ft.get("stopped_unpaid"):
@@ -197,7 +199,9 @@ def describe(r: dict) -> str:
     if race:
         rungs = "; ".join(f"{c['name']} {max((g['val_acc'] for g in c['rungs']), default=float('nan')):.3f}"
                           for c in race["candidates"] if c["rungs"])
-        text += f"; race: {rungs or race['reason']}; winner {race['winner']}"
+        surv = race.get("survivor") or {}
+        text += (f"; race: {rungs or race['reason']}; winner {race['winner']}, {surv.get('epochs_run', 0)} ep in "
+                 f"{surv.get('seconds', 0):.0f} s, {'kept' if surv.get('kept') else 'head kept'}")
     budget = r.get("budget") or {}
     if budget.get("unused_s"):
         text += f"; unused: {budget['why']}"

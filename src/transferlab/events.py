@@ -2,8 +2,9 @@
 variable ``TRANSFERLAB_EVENTS``; nothing at all when it is unset.
 
 Each line is ``{"t": unix time, "kind": ..., ...}``: ``plan`` (the plan's lines and estimate),
-``progress`` (a long task's ``done`` of ``total``), ``step`` (a training batch) and ``history`` (the
-epoch rows so far). Frequent kinds are throttled to a few lines a second.
+``progress`` (a long task's ``done`` of ``total``), ``step`` (a training batch), ``history`` (the
+epoch rows so far), ``race`` (a rung of the race of training recipes starting or done, with its
+validation accuracy) and ``race_line`` (the race's printed lines). Frequent kinds are throttled to a few lines a second.
 """
 
 from __future__ import annotations

@@ -177,3 +177,30 @@ def test_studio_end_to_end_in_chromium_with_a_fake_camera(tmp_path):
 
     assert load_model(saved).predict([str(probe)])[0].label == "coffee"
     assert len(list(shots.glob("*.png"))) == 5
+
+
+def test_the_progress_view_shows_the_race_and_keeps_the_runs_history(tmp_path):
+    from transferlab.studio.jobs import TrainingJob
+    from transferlab.studio.project import Project
+
+    events = tmp_path / "events.jsonl"
+    lines = [{"kind": "plan", "lines": ["plan: 64px input"], "estimate_s": 30},
+             {"kind": "race_line", "line": "race rung 1: recipe 5s (slice 5s), best validation accuracy 0.9000"},
+             {"kind": "step", "phase": "race bn-adapt", "global_step": 3, "max_steps": 9},
+             {"kind": "history", "rows": [{"epoch": 1, "phase": "race bn-adapt", "val_acc": 0.5}]}]
+    events.write_text("".join(json.dumps(e) + "\n" for e in lines))
+
+    class Done:
+        pid, returncode = 0, None
+
+        def poll(self):
+            return None
+
+    job = TrainingJob(Project(tmp_path / "proj"), "r1", 60.0, Done(), events, tmp_path / "log.txt")
+    state = job.poll()
+    assert state["plan"] == ["plan: 64px input", lines[1]["line"]]
+    assert state["phase"] == "Racing: bn-adapt" and state["progress"] == {"done": 3, "total": 9}
+    assert "history" not in state  # a rung's rows are not the run's history
+    with events.open("a") as f:
+        f.write(json.dumps({"kind": "history", "rows": [{"epoch": 1, "phase": "finetune", "val_acc": 0.9}]}) + "\n")
+    assert job.poll()["history"][0]["phase"] == "finetune"

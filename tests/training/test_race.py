@@ -132,3 +132,21 @@ def test_recipe_single_keeps_the_one_recipe(digits_dir, tmp_path):
     res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=1, image_size=64, workers=0, quiet=True,
                 diagnose=False, recipe="single")
     assert res.metrics["strategy"] is None and res.metrics["finetune"]["epochs_run"] >= 1
+
+
+def test_a_scratch_winner_is_one_network_that_predicts_and_exports(digits_dir, tmp_path):
+    from transferlab.export import export_model
+    from transferlab.pipeline import train
+    from transferlab.predict import load_model
+
+    res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=2, workers=0, quiet=True, diagnose=False,
+                candidates=("scratch",))
+    config = json.loads((res.model_dir / "config.json").read_text())
+    assert config["backbone"]["name"] == "simple_cnn" and not config["backbone"]["pretrained"]
+    assert config["preprocessing"]["size"] == 64  # the digits' own resolution, not the pretrained network's
+    assert config["training"]["decision"]["winner"] == "scratch"
+    assert res.metrics["timing"]["extract_s"] == 0.0  # no frozen-feature head before a network from scratch
+    preds = load_model(res.model_dir).predict([str(next(digits_dir.rglob("*.png")))])
+    assert preds[0].label in [str(i) for i in range(10)]
+    check = export_model(res.model_dir, "onnx")
+    assert check["passed"]

@@ -111,10 +111,15 @@ class TrainingJob:
             elif kind == "progress":
                 self._state["phase"] = ev.get("task")
                 self._state["progress"] = {"done": ev.get("done"), "total": ev.get("total")}
+            elif kind == "race_line":  # the race as it goes, below the plan
+                self._state["plan"] = [*self._state.get("plan", []), ev.get("line", "")]
             elif kind == "step":
-                self._state["phase"] = "Fine-tuning" if ev.get("phase") == "finetune" else "Training the head"
+                phase = str(ev.get("phase", ""))
+                self._state["phase"] = ("Fine-tuning" if phase == "finetune" else
+                                        f"Racing: {phase[5:]}" if phase.startswith("race ") else "Training the head")
                 self._state["progress"] = {"done": ev.get("global_step"), "total": ev.get("max_steps")}
-            elif kind == "history":
+            elif kind == "history" and not any(str(r.get("phase", "")).startswith("race ")
+                                               for r in ev.get("rows", [])):  # a rung's own rows are not the run's
                 self._state["history"] = ev.get("rows", [])
 
 
