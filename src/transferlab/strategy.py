@@ -35,7 +35,7 @@ from .events import emit
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune, precision_for
 from .training.plan import Plan, measure_costs, sample_paths
-from .training.race import RACE_SHARE, Candidate, Race, RungResult, slice_seconds, successive_halving
+from .training.race import RACE_SHARE, Candidate, Race, RungResult, rung_sizes, slice_seconds, successive_halving
 
 __all__ = ["CANDIDATES", "portfolio", "skips_head", "run_strategy", "with_race_estimate", "StrategyOutcome",
            "budget_record", "decision_record", "SCRATCH_MAX_SIDE",
@@ -61,6 +61,9 @@ SCRATCH_BATCH = 128
 MAX_SURVIVOR_EPOCHS = 40
 #: ... or this share of it (the rest absorbs estimation error; the deadline cuts a schedule that overruns).
 SURVIVOR_FILL = 0.9
+#: Seconds a rung spends starting (the Trainer, the loaders' workers, the first batches): the digits at 224 px
+#: validated a rung's first 7 steps 21 s after its start, about 10 s more than the steps and the pass cost.
+RUNG_START_S = 10.0
 
 
 def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = ()) -> list[Candidate]:
@@ -162,7 +165,9 @@ def _rung(c: Candidate, ctx: _Context, seconds: float, rung: int) -> RungResult:
     epochs = max(0.1, math.floor(10 * seconds / max(epoch_s, 1e-6)) / 10)
     if not ctx.base.deadline:  # without a limit a rung is never longer than the survivor's schedule
         epochs = min(ctx.plan.epochs, epochs)
-    val_every = min(1.0, max(0.1, math.floor(10 * epochs / 2) / 10)) if epochs < 2 else 1.0  # two passes at least
+    # two validation passes inside a short slice (its middle and its end), one an epoch in a long one: a pass
+    # costs as much as a good share of a short slice's training (digits at 224 px: 3 passes took half a rung)
+    val_every = epochs / 2 if epochs < 2 else 1.0
     deadline = min(time.time() + seconds, ctx.base.deadline) if ctx.base.deadline else None
     cfg = replace(ctx.base, epochs=epochs, deadline=deadline, val_every=val_every, discard_after_s=None,
                   patience=10_000, reserve_s=0.0, initial_val_loss=None, quiet=True)
@@ -212,7 +217,8 @@ def with_race_estimate(plan: Plan, candidates: Sequence[Candidate]) -> Plan:
         return plan
     est = dict(plan.estimate)
     if plan.budget_s is None:
-        est["race"] = RACE_SHARE * est.get("finetune", 0.0)
+        rungs = sum(rung_sizes(len(candidates)))
+        est["race"] = RACE_SHARE * est.get("finetune", 0.0) + rungs * RUNG_START_S
         est["total"] = est.get("total", 0.0) + est["race"]
     line = (f"race: {names} on validation, {RACE_SHARE:.0%} of the fine-tuning time in rungs of successive "
             "halving; the survivor gets the rest")

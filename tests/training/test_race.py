@@ -150,3 +150,16 @@ def test_a_scratch_winner_is_one_network_that_predicts_and_exports(digits_dir, t
     assert preds[0].label in [str(i) for i in range(10)]
     check = export_model(res.model_dir, "onnx")
     assert check["passed"]
+
+
+def test_the_plan_counts_the_race_without_a_limit_and_keeps_a_limit_whole():
+    from transferlab.strategy import RUNG_START_S, with_race_estimate
+    from transferlab.training.plan import Plan
+
+    est = {"finetune": 200.0, "total": 300.0}
+    free = with_race_estimate(Plan(64, 28, True, 8.0, estimate=dict(est)), portfolio(300, 1000, True))
+    assert free.estimate["race"] == pytest.approx(RACE_SHARE * 200 + 4 * RUNG_START_S)  # two candidates, twice
+    assert free.estimate["total"] == pytest.approx(300 + free.estimate["race"])
+    assert any(r.startswith("race: recipe against bn-adapt") for r in free.reasons)
+    bounded = with_race_estimate(Plan(64, 28, True, 8.0, budget_s=900.0, estimate=dict(est)), portfolio(300, 1000, True))
+    assert bounded.estimate == est  # under a limit the race and the survivor share the budget

@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["Candidate", "RungResult", "Race", "successive_halving", "slice_seconds", "projected_error", "RACE_SHARE",
-           "MIN_SLICE_S"]
+__all__ = ["Candidate", "RungResult", "Race", "successive_halving", "slice_seconds", "projected_error", "rung_sizes",
+           "RACE_SHARE", "MIN_SLICE_S"]
 
 #: Share of the fine-tuning budget the race's rungs may spend together; the survivor gets the rest.
 RACE_SHARE = 0.3
@@ -83,7 +83,7 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _rung_sizes(n: int) -> list[int]:
+def rung_sizes(n: int) -> list[int]:
     """Candidates in each rung: halving (never below two) until two are left; two alone run twice, so
     that each has slices of two lengths to extrapolate from."""
     if n <= 1:
@@ -97,7 +97,7 @@ def _rung_sizes(n: int) -> list[int]:
 def slice_seconds(n_candidates: int, budget_s: float, share: float = RACE_SHARE) -> float:
     """The first rung's slice: ``share`` of ``budget_s`` spread over every rung's candidate-slices
     (each rung doubles the slice)."""
-    units = sum(k * 2 ** i for i, k in enumerate(_rung_sizes(n_candidates)))
+    units = sum(k * 2 ** i for i, k in enumerate(rung_sizes(n_candidates)))
     return share * budget_s / units if units else 0.0
 
 
@@ -131,7 +131,7 @@ def successive_halving(candidates: Sequence[Candidate], slice_s: float,
         return race
     curves: dict[str, list[tuple[float, float]]] = {c.name: [] for c in candidates}
     alive, seconds = list(candidates), slice_s
-    sizes = _rung_sizes(len(candidates))
+    sizes = rung_sizes(len(candidates))
     for rung, size in enumerate(sizes):
         results: list[tuple[Candidate, RungResult]] = []
         for c in alive:
