@@ -38,10 +38,10 @@ from .events import emit
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor, default_workers
 from .planning import plan_finetune, plan_run
-from .strategy import budget_record, decision_record, portfolio, run_strategy, skips_head, with_race_estimate
 from .predict import Predictor
-from .runtime import seed_cpu
 from .probability import apply_temperature, calibrated_nll, fit_temperature, softmax
+from .runtime import seed_cpu
+from .strategy import budget_record, decision_record, portfolio, run_strategy, skips_head, with_race_estimate
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
 from .training.plan import Plan
