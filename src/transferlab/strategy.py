@@ -90,7 +90,6 @@ class StrategyOutcome:
 
     ft: FinetuneResult
     info: BackboneInfo
-    race: Race
     record: dict[str, Any]
 
 
@@ -115,18 +114,20 @@ def _epoch_seconds(c: Candidate, ctx: _Context) -> float:
     if c.name != "scratch":
         return ctx.plan.estimate.get("finetune_epoch", 0.0)
     if c.name not in ctx.epoch_s:
-        model, info, cfg, _ = _start(c, ctx)
+        model, info, cfg, _ = _start(c, ctx, ctx.base)
+        precision = precision_for(cfg.accelerator, cfg.mixed_precision, cfg.cpu_bf16)  # the fit's own
         costs = measure_costs(model, info.preprocessing, [info.preprocessing.size],
                               sample_paths(ctx.train[0], seed=cfg.seed), batch_size=cfg.batch_size,
-                              workers=cfg.workers, train_bf16=precision_for(cfg.accelerator, True, True) != "32-true")
+                              workers=cfg.workers, train_bf16=precision != "32-true")
         size = info.preprocessing.size
         ctx.epoch_s[c.name] = len(ctx.train[0]) * costs.train_at(size) + len(ctx.val[0]) * costs.eval_at(size)
     return ctx.epoch_s[c.name]
 
 
-def _start(c: Candidate, ctx: _Context) -> tuple[Classifier, BackboneInfo, FinetuneConfig, bool]:
-    """A fresh copy of the candidate's starting network, its options and whether it is pretrained."""
-    base = ctx.base
+def _start(c: Candidate, ctx: _Context, base: FinetuneConfig) -> tuple[Classifier, BackboneInfo, FinetuneConfig,
+                                                                        bool]:
+    """A fresh copy of the candidate's starting network, its options (``base`` with what the candidate
+    changes) and whether it is pretrained."""
     if c.name == "scratch":
         size = max(16, int(ctx.native or 32))
         backbone, info = create_backbone("simple_cnn", pretrained=False, image_size=size)
@@ -146,21 +147,17 @@ def _start(c: Candidate, ctx: _Context) -> tuple[Classifier, BackboneInfo, Finet
     return model, ctx.info, cfg, ctx.info.pretrained
 
 
-def _fit(c: Candidate, ctx: _Context, cfg: FinetuneConfig, run_dir: Path, history: History,
+def _fit(c: Candidate, ctx: _Context, base: FinetuneConfig, run_dir: Path, history: History,
          resume: bool = False) -> tuple[FinetuneResult, BackboneInfo]:
-    model, info, own, pretrained = _start(c, ctx)
-    cfg = replace(own, epochs=cfg.epochs, deadline=cfg.deadline, val_every=cfg.val_every,
-                  discard_after_s=cfg.discard_after_s, patience=cfg.patience, reserve_s=cfg.reserve_s,
-                  initial_val_loss=own.initial_val_loss if cfg.initial_val_loss is not None else None,
-                  quiet=cfg.quiet)
+    model, info, cfg, pretrained = _start(c, ctx, base)
     ft = fit_finetune(model, *ctx.train, *ctx.val, cfg, run_dir, history, resume=resume, pretrained=pretrained)
     return ft, info
 
 
 def _rung(c: Candidate, ctx: _Context, seconds: float, rung: int) -> RungResult:
-    """One slice of ``seconds`` for ``c``: a short one-cycle schedule planned for the slice (never longer
-    than the run's planned epochs), validated at least twice; with a time limit a deadline ends it at the
-    slice's end (without one, its epochs do). Its checkpoints are removed afterwards."""
+    """One slice of ``seconds`` for ``c``: a short one-cycle schedule planned for the slice, validated at
+    least twice; with a time limit a deadline ends it at the slice's end, without one its epochs do (never
+    more than the run's planned epochs). Its checkpoints are removed afterwards."""
     epoch_s = _epoch_seconds(c, ctx)
     epochs = max(0.1, math.floor(10 * seconds / max(epoch_s, 1e-6)) / 10)
     if not ctx.base.deadline:  # without a limit a rung is never longer than the survivor's schedule
@@ -269,7 +266,7 @@ def run_strategy(candidates: Sequence[Candidate], model: Classifier, info: Backb
                           "stopped_early": ft.stopped_early, "stopped_by_time": ft.stopped_by_time,
                           "validations": ft.validations, "why": why}
     emit("race", candidate=race.winner.name, state="survivor done", kept=ft.improved)
-    return StrategyOutcome(ft, winner_info, race, record)
+    return StrategyOutcome(ft, winner_info, record)
 
 
 def budget_record(limit_s: float | None, total_s: float, ft: FinetuneResult | None) -> dict[str, Any]:
