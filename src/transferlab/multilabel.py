@@ -24,7 +24,9 @@ from .evaluation.calibration import multilabel_nll
 from .evaluation.multilabel import MultiLabelResult, write_multilabel_outputs
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor
-from .pipeline import RunResult, TrainConfig, _finetune_record, _jsonable, evaluate_files, finetune_config, head_probs
+from .distributed import SINGLE, World, broadcast_json, broadcast_module
+from .pipeline import RunResult, TrainConfig, _finetune_record, _jsonable, distributed_record, evaluate_files, \
+    evaluation_shares, extraction_shares, finetune_config, head_probs, shared_plan, shared_start
 from .planning import plan_finetune
 from .predict import Predictor
 from .training.callbacks import History
@@ -58,10 +60,12 @@ def _matrix(samples: Sequence[Sample], classes: list[str]) -> np.ndarray:
 
 def train_multilabel(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, backbone: Any, info: Any, plan: Plan,
                      use_head: bool, use_ft: bool, skipped: list[Skipped], audit_warnings: Sequence[str],
-                     t_start: float, wall_start: float, deadline: float | None, resume: bool) -> RunResult:
+                     t_start: float, wall_start: float, deadline: float | None, resume: bool,
+                     world: World = SINGLE) -> RunResult:
     """Train a multi-label classifier: the head on cached features (sigmoid outputs, binary cross-entropy;
     with ``--balance weights`` positives weighted per label), then fine-tuning with the same loss when the mode asks for it and it
-    beats the head on validation; thresholds tuned per label on validation; metrics, report, artifact."""
+    beats the head on validation; thresholds tuned per label on validation; metrics, report, artifact. With
+    several processes (``world``) they share extraction and evaluation as in :func:`~transferlab.pipeline.train`."""
     _check_options(cfg)
     history = History(run / "logs" / "history.csv", "head")
     classes = ds.classes
@@ -73,13 +77,18 @@ def train_multilabel(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, backbo
         extractor = FeatureExtractor(backbone, info, device=cfg.device, workers=cfg.workers,
                                      mixed_precision=cfg.mixed_precision, quiet=cfg.quiet)
         t0 = time.perf_counter()
-        ext = extractor.extract([s.path for s in ds.samples], None if cfg.no_cache else FeatureCache(cfg.cache_dir))
+        ext = extractor.extract([s.path for s in ds.samples], None if cfg.no_cache else FeatureCache(cfg.cache_dir),
+                                world=world)
         skipped.extend(Skipped(ds.samples[i].path, reason) for i, reason in ext.errors.items())
+        ds_all = ds.samples
         ds = replace(ds, samples=[s for s, ok in zip(ds.samples, ext.ok) if ok])
         feats = ext.features[ext.ok]
         rows = {sp: [i for i, s in enumerate(ds.samples) if s.split == sp] for sp in ("train", "val", "test")}
         y = _matrix(ds.samples, classes)
-        stats.update(extract_s=time.perf_counter() - t0, features_computed=ext.computed, features_cached=ext.cached)
+        stats.update(extract_s=time.perf_counter() - t0, features_computed=ext.computed, features_cached=ext.cached,
+                     extracted_per_rank=ext.per_rank,
+                     evaluated_per_rank=extraction_shares(ds_all, ext.ok, world, extractor.batch_size))
+    if use_head and world.is_zero:
         t1 = time.perf_counter()
         fit = fit_multilabel_probe(feats[rows["train"]], y[rows["train"]], feats[rows["val"]], y[rows["val"]],
                                    history=history, pos_weight=pos_weights(y[rows["train"]]) if cfg.loss_weights else None)
@@ -90,24 +99,28 @@ def train_multilabel(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, backbo
     model = Classifier(backbone, head, info.preprocessing)
     ft, t_ft = None, time.perf_counter()
     if use_ft:
-        plan = plan_finetune(plan, ds, cfg, model, info, stats, wall_start)
+        plan = shared_plan(world, lambda: plan_finetune(plan, ds, cfg, model, info, stats, wall_start))
         use_ft = plan.finetune
+    if not use_ft and not world.is_zero:
+        return RunResult(run, {}, run / "model", is_global_zero=False)
+    evaluated = None
     if use_ft:
         train_s, val_s = _split(ds.samples, "train"), _split(ds.samples, "val")
         ytr = _matrix(train_s, classes)
         history.phase = "finetune"
-        ft_cfg = finetune_config(cfg, plan, use_head, deadline,
-                                 class_weights=pos_weights(ytr).tolist() if cfg.loss_weights else None,
-                                 initial_val_loss=multilabel_nll(results["val"].probs, results["val"].y_true)
-                                 if use_head and not resume and "val" in results else None, multilabel=True)
+        initial = shared_start(world, model.head, multilabel_nll(results["val"].probs, results["val"].y_true)
+                               if use_head and not resume and "val" in results else None)
+        ft_cfg = finetune_config(cfg, plan, use_head, deadline, initial_val_loss=initial, multilabel=True,
+                                 class_weights=pos_weights(ytr).tolist() if cfg.loss_weights else None)
         ft = fit_finetune(model, [s.path for s in train_s], ytr.astype(np.int64).tolist(), [s.path for s in val_s],
                           _matrix(val_s, classes).astype(np.int64).tolist(), ft_cfg, run, history, resume=resume,
                           pretrained=info.pretrained)
-        if not ft.is_global_zero:
+        model = broadcast_module(world, ft.model)
+        if broadcast_json(world, bool(ft.improved or not results)):
+            results = evaluate_files(model, ds, cfg, world)
+            evaluated = evaluation_shares(ds, world)
+        if not world.is_zero:
             return RunResult(run, {}, run / "model", is_global_zero=False)
-        model = ft.model
-        if ft.improved or not results:
-            results = evaluate_files(model, ds, cfg)
     ft_s = time.perf_counter() - t_ft if use_ft else 0.0
     val = results.get("val")
     thresholds = tune_thresholds(val.probs, val.y_true) if val is not None and len(val.y_true) else \
@@ -144,6 +157,7 @@ def train_multilabel(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, backbo
         summary=summary, counts=ds.counts(), skipped=[(k.path, k.reason) for k in skipped], warnings=warnings,
         title=f"transferlab: {Path(data).name}",
         extra_metrics={"timing": timing, "backbone": info.name, "n_images": n_images, "mode": cfg.mode,
+                       "distributed": distributed_record(world, stats, evaluated),
                        "plan": plan.to_dict(), "finetune": _finetune_record(ft, ft_s),
                        "stopped_by_time": bool(ft and ft.stopped_by_time)})
     return RunResult(run, metrics, model_dir, warnings)

@@ -27,6 +27,7 @@ from .data.audit import audit, dedupe_across_splits
 from .data.scan import Dataset, Sample, Skipped, scan
 from .data.split import split_dataset, write_skipped_csv, write_split_csv
 from .data.transforms import TrainTransform
+from .distributed import SINGLE, World, broadcast_json, broadcast_module, first_launched, join, launch_layout, owners
 from .errors import ConfigError, DataError
 from .evaluation.calibration import expected_calibration_error
 from .evaluation.metrics import classification_metrics
@@ -41,6 +42,7 @@ from .planning import plan_finetune, plan_run
 from .predict import Predictor
 from .probability import apply_temperature, calibrated_nll, fit_temperature, softmax
 from .runtime import seed_cpu
+from .sharing import EVAL_BLOCK, predict_proba_shared
 from .strategy import budget_record, decision_record, portfolio, run_strategy, skips_head, with_race_estimate
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
@@ -88,14 +90,18 @@ def _labels(samples: Sequence[Sample], classes: list[str]) -> np.ndarray:
 
 
 def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skipped: list[Skipped],
-                history: History) -> tuple[Any, dict[str, Any], Dataset, dict[str, SplitResult]]:
-    """Extract (cached) features, train the head; returns head, stats, the usable dataset, val/test results."""
+                history: History, world: World = SINGLE) -> tuple[Any, dict[str, Any], Dataset, dict[str, SplitResult]]:
+    """Extract (cached) features, train the head; returns head, stats, the usable dataset, val/test results.
+
+    With several processes each extracts its share and all get every feature; rank 0 alone fits the head
+    (the others return an untrained one of the same shape, which :func:`train` fills from rank 0's)."""
     extractor = FeatureExtractor(backbone, info, device=cfg.device, workers=cfg.workers,
                                  mixed_precision=cfg.mixed_precision, quiet=cfg.quiet)
     cache = None if cfg.no_cache else FeatureCache(cfg.cache_dir)
     t0 = time.perf_counter()
     paths = [s.path for s in ds.samples]
-    ext = extractor.extract(paths, cache)
+    ext = extractor.extract(paths, cache, world=world)
+    evaluated = extraction_shares(ds.samples, ext.ok, world, extractor.batch_size)
     for i, reason in ext.errors.items():
         skipped.append(Skipped(paths[i], reason))
     keep = [s for s, ok in zip(ds.samples, ext.ok) if ok]
@@ -110,13 +116,18 @@ def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skippe
             aug = _SeededView(TrainTransform(info.preprocessing, cfg.augment if cfg.augment != "none" else "light"),
                               cfg.seed, k)
             view = extractor.extract(train_paths, cache, transform=aug, view=f"aug-{cfg.augment}-{cfg.seed}-{k}",
-                                     description=f"Augmented view {k + 1}/{cfg.aug_views}")
+                                     description=f"Augmented view {k + 1}/{cfg.aug_views}", world=world)
             xtr = np.concatenate([xtr, view.features[view.ok]])
             ytr = np.concatenate([ytr, _labels([keep[by["train"][i]] for i in np.flatnonzero(view.ok)], ds.classes)])
             computed, cached = computed + view.computed, cached + view.cached
     extract_s = time.perf_counter() - t0
     n_classes = len(ds.classes)
     _check_train_classes(ytr, ds.classes)
+    shared = {"extracted_per_rank": ext.per_rank, "evaluated_per_rank": evaluated}
+    if not world.is_zero:
+        return (build_head(info.num_features, n_classes, tuple(cfg.head), cfg.dropout),
+                {"extract_s": extract_s, "head_s": 0.0, "features_computed": computed, "features_cached": cached,
+                 **shared}, ds, {})
     t1 = time.perf_counter()
     weights = balanced_class_weights(ytr, n_classes) if cfg.loss_weights else None
     head_cfg = HeadConfig(hidden=tuple(cfg.head), dropout=cfg.dropout, epochs=cfg.epochs, lr=cfg.lr,
@@ -141,14 +152,14 @@ def _head_phase(ds: Dataset, cfg: TrainConfig, backbone, info, run: Path, skippe
                                       [keep[i].path for i in by[sp]])
     stats = {"extract_s": extract_s, "head_s": time.perf_counter() - t1, "features_computed": computed,
              "features_cached": cached, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-             "head_kind": head_kind}
+             "head_kind": head_kind, **shared}
     if len(yva) >= 20:  # open set: distance to the training images, calibrated to accept 95% of val
         stats["openset"] = fit_knn_distance(feats[by["train"]], seed=cfg.seed)
         stats["openset"].calibrate(xva, OPEN_SET_ACCEPT)
         if by["test"]:
             stats["openset_test_accepted"] = float(np.mean(stats["openset"].score(feats[by["test"]])
                                                            <= stats["openset"].threshold))
-    if cfg.diagnose and _first_process():  # features in memory: label issues and learning curve cost seconds
+    if cfg.diagnose:  # features in memory: label issues and learning curve cost seconds
         from .diagnostics.training import diagnose_training
 
         train_samples = [keep[i] for i in by["train"]]
@@ -191,20 +202,38 @@ def _saved_winner(run: Path) -> str | None:
     return (race or {}).get("winner")
 
 
-def _world_size(cfg: TrainConfig) -> int:
-    """Processes that train together: the launcher's world, or ``devices x num_nodes``."""
-    return max(int(os.environ.get("WORLD_SIZE", "1") or 1), cfg.devices * cfg.num_nodes)
+def extraction_shares(samples: Sequence[Sample], ok: np.ndarray, world: World, block: int) -> list[int]:
+    """Validation and test images whose features each rank extracted (the head evaluates on those)."""
+    return [sum(1 for i in rows if ok[i] and samples[i].split in ("val", "test"))
+            for rows in owners(len(samples), world, block)]
 
 
-def _first_process() -> bool:
-    """False in the other processes of a distributed run (torchrun's or Lightning's launcher)."""
-    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+def shared_plan(world: World, make: Callable[[], Plan]) -> Plan:
+    """The plan rank 0 makes (it alone measures this machine's costs), on every rank: each process then
+    trains the same number of epochs at the same size."""
+    plan = make() if world.is_zero else None
+    if not world.active:
+        return plan  # type: ignore[return-value]
+    return Plan(**broadcast_json(world, plan.to_dict() if plan is not None else None))
+
+
+def shared_start(world: World, head: torch.nn.Module, initial_val_loss: float | None) -> float | None:
+    """Fine-tuning starts from rank 0's head and its validation loss on every rank."""
+    broadcast_module(world, head)
+    return broadcast_json(world, initial_val_loss)
+
+
+def distributed_record(world: World, stats: dict[str, Any], evaluated: list[int] | None) -> dict[str, Any]:
+    """``metrics.json``'s ``distributed``: the world size and the images each rank extracted and evaluated."""
+    return {"world_size": world.size, "extracted_per_rank": stats.get("extracted_per_rank", [0] * world.size),
+            "evaluated_per_rank": evaluated if evaluated is not None
+            else stats.get("evaluated_per_rank", [0] * world.size)}
 
 
 def _refuse_existing(run: Path, overwrite: bool) -> None:
     """A new run never writes into a folder that holds anything, unless ``overwrite`` is asked. Only the
     first process of a distributed run checks (the others start after it has written there)."""
-    if overwrite or not run.exists() or not _first_process():
+    if overwrite or not run.exists() or not first_launched():
         return
     if not run.is_dir():
         raise ConfigError(f"--out '{run}' is a file; give a folder for the run.")
@@ -244,6 +273,12 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
             raise ConfigError("give the DATA folder to train on (or --resume RUN).")
         cfg = replace(config or TrainConfig(), **overrides).validate()
         _refuse_existing(run, overwrite)
+    # several processes (--devices N --strategy ddp, torchrun, srun) share every phase; rank 0 writes
+    devices, num_nodes = launch_layout(cfg.devices, cfg.num_nodes)
+    cfg = replace(cfg, devices=devices, num_nodes=num_nodes)  # torchrun's or SLURM's layout, when it has one
+    world = join(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy)
+    if not world.is_zero:
+        cfg = replace(cfg, quiet=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     deadline = wall_start + cfg.time_limit if cfg.time_limit else None
     ds = split_dataset(scan(data, task=cfg.task), cfg.val, cfg.test, cfg.seed)
@@ -254,7 +289,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         ds, skipped = replace(ds, samples=kept), skipped + removed
         report = audit(ds)
     notes = list(report.warnings) + cfg.ignored()  # the data's problems and the options this run will not use
-    for w in notes:
+    for w in notes if world.is_zero else ():
         log.warning(w)
     if not any(s.split == "train" for s in ds.samples):
         raise DataError(f"no training images in '{data}' after splitting.")
@@ -262,29 +297,30 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
                                      allow_download=cfg.allow_download, cut_stage=cfg.cut_stage,
                                      image_size=cfg.image_size)
     # data, backbone and weights are good: only now is anything of an earlier run replaced
-    if overwrite and not resume and _first_process():  # the old run's checkpoints and logs would mix in
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
-        shutil.rmtree(run / "logs", ignore_errors=True)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "logs").mkdir(exist_ok=True)
-    if not resume:
-        write_json(run / "train_config.json", {"data": str(Path(data).resolve()), "config": _jsonable(asdict(cfg))})
-    write_split_csv(ds.samples, run / "split.csv", ds.task)
-    write_skipped_csv(skipped, run / "skipped.csv")
+    if world.is_zero:
+        if overwrite and not resume:  # the old run's checkpoints and logs would mix in
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            shutil.rmtree(run / "logs", ignore_errors=True)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "logs").mkdir(exist_ok=True)
+        if not resume:
+            write_json(run / "train_config.json", {"data": str(Path(data).resolve()), "config": _jsonable(asdict(cfg))})
+        write_split_csv(ds.samples, run / "split.csv", ds.task)
+        write_skipped_csv(skipped, run / "skipped.csv")
     use_head = cfg.mode in ("head", "knn") or (cfg.mode == "auto" and info.pretrained)
     use_ft = cfg.mode == "finetune" or (cfg.mode == "auto")
     if resume and (run / "plan.json").is_file():  # a resumed run keeps its input size
         cfg = replace(cfg, image_size=json.loads((run / "plan.json").read_text(encoding="utf-8"))["image_size"])
-    plan = plan_run(ds, cfg, backbone, info, use_ft, wall_start)
+    plan = shared_plan(world, lambda: plan_run(ds, cfg, backbone, info, use_ft, wall_start))
     info = replace(info, preprocessing=replace(info.preprocessing, size=plan.image_size))
-    _announce(plan, run)
+    _announce(plan, run, world)
     if ds.task == "multilabel":
         from .multilabel import train_multilabel
 
         return train_multilabel(run, data, ds, cfg, backbone, info, plan, use_head, use_ft, skipped,
-                                notes, t_start, wall_start, deadline, resume)
+                                notes, t_start, wall_start, deadline, resume, world)
     candidates = None
-    if cfg.recipe == "race" and use_ft and _world_size(cfg) > 1:
+    if cfg.recipe == "race" and use_ft and world.active:
         notes.append("--recipe race runs in one process: a distributed run trains the single recipe.")
         log.warning(notes[-1])
     elif cfg.recipe == "race" and use_ft:
@@ -300,27 +336,29 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     n_classes = len(ds.classes)
     head = build_head(info.num_features, n_classes, tuple(cfg.head), cfg.dropout)
     if use_head:
-        head, stats, ds, results = _head_phase(ds, cfg, backbone, info, run, skipped, history)
+        head, stats, ds, results = _head_phase(ds, cfg, backbone, info, run, skipped, history, world)
     model = Classifier(backbone, head, info.preprocessing)
     ft: FinetuneResult | None = None
+    evaluated: list[int] | None = None
     t_ft = time.perf_counter()
     if use_ft:
-        plan = plan_finetune(plan, ds, cfg, model, info, stats, wall_start)
+        plan = shared_plan(world, lambda: plan_finetune(plan, ds, cfg, model, info, stats, wall_start))
         if candidates and plan.finetune:
             plan = with_race_estimate(plan, candidates)
-        _announce(plan, run)
+        _announce(plan, run, world)
         use_ft = plan.finetune
+    if not use_ft and not world.is_zero:  # rank 0 alone evaluates the head and writes the run
+        return RunResult(run, {}, run / "model", is_global_zero=False)
     if use_ft:
         train_s = [s for s in ds.samples if s.split == "train"]
         val_s = [s for s in ds.samples if s.split == "val"]
         ytr = _labels(train_s, ds.classes)
         _check_train_classes(ytr, ds.classes)
         history.phase = "finetune"
-        ft_cfg = finetune_config(
-            cfg, plan, use_head, deadline,
-            class_weights=balanced_class_weights(ytr, n_classes) if cfg.loss_weights else None,
-            initial_val_loss=calibrated_nll(results["val"].probs, results["val"].y_true)
-            if use_head and not resume and "val" in results else None)
+        initial = shared_start(world, model.head, calibrated_nll(results["val"].probs, results["val"].y_true)
+                               if use_head and not resume and "val" in results else None)
+        ft_cfg = finetune_config(cfg, plan, use_head, deadline, initial_val_loss=initial,
+                                 class_weights=balanced_class_weights(ytr, n_classes) if cfg.loss_weights else None)
         train_xy = ([s.path for s in train_s], ytr.tolist())
         val_xy = ([s.path for s in val_s], _labels(val_s, ds.classes).tolist())
         if candidates:
@@ -334,12 +372,15 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
         else:
             ft = fit_finetune(model, *train_xy, *val_xy, ft_cfg, run, history, resume=resume,
                               pretrained=info.pretrained)
-        if not ft.is_global_zero:
+        model = broadcast_module(world, ft.model)  # every rank evaluates rank 0's weights
+        # else the model is the head's, already evaluated on its features
+        if broadcast_json(world, bool(ft.improved or not results)):
+            results = evaluate_files(model, ds, cfg, world)
+            evaluated = evaluation_shares(ds, world)
+        if not world.is_zero:
             return RunResult(run, {}, run / "model", is_global_zero=False)
-        model = ft.model
-        if ft.improved or not results:  # else the model is the head's, already evaluated on its features
-            results = evaluate_files(model, ds, cfg)
     ft_s = time.perf_counter() - t_ft if use_ft else 0.0
+    stats["distributed"] = distributed_record(world, stats, evaluated)
     return _finish(run, data, ds, cfg, info, model, results, history, skipped, stats, ft, ft_s, t_start,
                    notes, plan)
 
@@ -363,26 +404,30 @@ def finetune_config(cfg: TrainConfig, plan: Plan, use_head: bool, deadline: floa
         reserve_s=plan.estimate.get("evaluate", 15.0), initial_val_loss=initial_val_loss, multilabel=multilabel)
 
 
-def _announce(plan: Plan, run: Path) -> None:
-    """Print the plan and keep it in the run directory (``plan.json``; ``metrics.json`` has it too)."""
+def _announce(plan: Plan, run: Path, world: World = SINGLE) -> None:
+    """Print the plan and keep it in the run directory (``plan.json``; ``metrics.json`` has it too); rank 0
+    alone does."""
+    if not world.is_zero:
+        return
     emit("plan", lines=plan.describe(), estimate_s=plan.estimate.get("total"), budget_s=plan.budget_s)
     for line in plan.describe():
         log.info(line)
     write_json(run / "plan.json", plan.to_dict())
 
 
-def evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[str, Any]:
+def evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig, world: World = SINGLE) -> dict[str, Any]:
     """Val and test probabilities through the same path as ``predict`` (files -> Predictor): a
-    :class:`SplitResult` per split, or a :class:`MultiLabelResult` for a multi-label dataset."""
+    :class:`SplitResult` per split, or a :class:`MultiLabelResult` for a multi-label dataset. With several
+    processes each predicts its share (:func:`evaluation_shares`) and every rank gets the whole result."""
     predictor = Predictor(model, {"classes": ds.classes, "preprocessing": model.preprocessing.to_dict(),
                                   "task": ds.task}, device=cfg.device, mixed_precision=cfg.mixed_precision,
-                          workers=default_workers() if cfg.workers is None else cfg.workers)
+                          workers=default_workers() if cfg.workers is None else cfg.workers, batch_size=EVAL_BLOCK)
     out: dict[str, Any] = {}
     for sp in ("val", "test"):
         samples = [s for s in ds.samples if s.split == sp]
         if not samples:
             continue
-        probs, errors = predictor.predict_proba([s.path for s in samples], calibrated=False)
+        probs, errors = predict_proba_shared(predictor, [s.path for s in samples], world, calibrated=False)
         ok = [i for i, e in enumerate(errors) if e is None]
         kept = [samples[i] for i in ok]
         if ds.task == "multilabel":
@@ -391,6 +436,12 @@ def evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig) -> dict[str
         else:
             out[sp] = SplitResult(_labels(kept, ds.classes), probs[ok], [s.path for s in kept])
     return out
+
+
+def evaluation_shares(ds: Dataset, world: World) -> list[int]:
+    """Validation and test images each rank's forward pass ran on in :func:`evaluate_files`."""
+    per_split = [owners(sum(1 for s in ds.samples if s.split == sp), world, EVAL_BLOCK) for sp in ("val", "test")]
+    return [sum(len(split[r]) for split in per_split) for r in range(world.size)]
 
 
 def _calibrate(results: dict[str, SplitResult]) -> tuple[dict[str, Any], np.ndarray | None]:
@@ -477,7 +528,8 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
                                                "open_set": {**openset.record(), "test_accepted":
                                                             stats.get("openset_test_accepted")} if openset else None,
                                                "finetune": _finetune_record(ft, ft_s),
-                                               "strategy": plan.race if plan else None, "budget": budget, **extra},
+                                               "strategy": plan.race if plan else None, "budget": budget,
+                                               "distributed": stats.get("distributed"), **extra},
                                 extra_sections=sections,
                                 title=f"transferlab: {Path(data).name}", top_k=cfg.top_k)
     return RunResult(run, metrics, model_dir, warnings)

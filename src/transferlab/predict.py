@@ -45,6 +45,12 @@ class Prediction:
     ood_score: float | None = None
     labels: list[str] | None = None
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Prediction":
+        """The prediction :meth:`to_dict` wrote."""
+        return cls(d["path"], d.get("label"), d.get("probability"), list(d.get("predictions") or []), d.get("error"),
+                   d.get("ood_score"), d.get("labels"))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: ``{"path", "label", "probability", "predictions": [...], "error"}``, plus
         ``ood_score`` when the open-set check ran and ``labels`` for a multi-label model."""

@@ -100,21 +100,6 @@ def test_the_deadline_stops_a_run_the_plan_thought_would_fit(digits_dir, tmp_pat
     assert load_model(res.model_dir).classes == [str(i) for i in range(10)]
 
 
-def test_ddp_two_cpu_processes(digits_dir, tmp_path):
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    # with a time limit: the deadline callback's decision is broadcast from rank 0 every step, so both ranks end
-    p = _cli("train", str(digits_dir), "--out", str(tmp_path / "ddp"), "--mode", "finetune", "--ft-epochs", "1",
-             "--freeze-epochs", "1", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
-             "--time-limit", "10m", *FAST, env=env)
-    assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
-    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert m["test"]["accuracy"] is not None
-    hist = (tmp_path / "ddp" / "logs" / "history.csv").read_text().splitlines()
-    assert len([h for h in hist if ",finetune," in h]) == 2
-    preds = load_model(tmp_path / "ddp" / "model").predict([str(next(digits_dir.rglob("*.png")))])
-    assert preds[0].label in [str(i) for i in range(10)]
-
-
 def test_simple_cnn_from_scratch_and_compare_table(digits_dir, tmp_path):
     from transferlab.compare import compare
 

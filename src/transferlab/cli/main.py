@@ -261,15 +261,20 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
                                        "ONNX export where ONNX Runtime is the faster engine on this CPU)."),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Predict labels for image files and folders (unreadable files are reported, not fatal)."""
+    from ..distributed import join, launch_layout
     from ..predict import expand_paths, load_model, write_predictions
+    from ..sharing import predict_shared
 
     if threshold is not None and not 0 <= threshold <= 1:
         raise typer.BadParameter(f"--threshold {threshold}: expected a probability between 0 and 1")
+    world = join(devices=launch_layout()[0], num_nodes=launch_layout()[1])  # torchrun / srun: each rank a share
     predictor = load_model(model, engine="torch" if open_set and engine == "auto" else engine)
-    if not as_json:
+    if not as_json and world.is_zero:
         err.print(f"engine: {'ONNX Runtime' if predictor.engine == 'onnx' else 'PyTorch'}")
-    results = predictor.predict(expand_paths(paths), top_k=top_k, threshold=threshold, tta=tta,
-                                calibrated=not no_calibration, open_set=open_set)
+    results = predict_shared(predictor, expand_paths(paths), world, top_k=top_k, threshold=threshold, tta=tta,
+                             calibrated=not no_calibration, open_set=open_set)
+    if not world.is_zero:  # rank 0 writes the one output file
+        return
     if output is not None:
         write_predictions(results, output)
     if as_json:

@@ -3,7 +3,11 @@
 A namespace is one (backbone, weights digest, cut stage, preprocessing, view) combination; inside it,
 features are stored in shards of one batch each, keyed by each file's content digest. Every shard is
 written to a temporary name and renamed, so a killed extraction keeps every finished batch, a reader
-never sees half a shard, and two runs can share the cache (at worst both compute the same image).
+never sees half a shard, and several processes can fill one cache at once (the ranks of a distributed
+run, or two runs: at worst both compute the same image). Each shard carries the SHA-256 of its features;
+a shard whose header cannot be read, whose rows do not match its digests or whose features do not match
+their checksum (a truncated copy, a damaged disk) is never used: it is removed and its images are
+computed again.
 """
 
 from __future__ import annotations
@@ -70,9 +74,13 @@ class CacheNamespace:
             for shard in sorted(self.dir.glob("shard-*.safetensors")):
                 try:
                     with safe_open(str(shard), framework="pt") as f:
-                        digests = (f.metadata() or {}).get("digests", "")
-                except Exception:
-                    continue  # a foreign or damaged file: ignore it, the features get recomputed
+                        meta = f.metadata() or {}
+                except FileNotFoundError:
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a damaged file: never used, its images recomputed
+                    self._discard(shard, str(exc) or type(exc).__name__)
+                    continue
+                digests = meta.get("digests", "") if meta.get("sha256") else ""  # unverifiable: recomputed
                 for row, d in enumerate(digests.split(",") if digests else []):
                     index.setdefault(d, (shard, row))
         self._index = index
@@ -91,14 +99,40 @@ class CacheNamespace:
                 by_shard.setdefault(shard, []).append((d, row))
         out: dict[str, np.ndarray] = {}
         for shard, items in by_shard.items():
-            try:
-                with safe_open(str(shard), framework="pt") as f:
-                    feats = f.get_tensor("features").numpy()
-            except Exception:
+            feats = self._read(shard)
+            if feats is None:
                 continue
             for d, row in items:
                 out[d] = feats[row]
         return out
+
+    def _read(self, shard: Path) -> np.ndarray | None:
+        """A shard's features, or ``None`` (and the shard forgotten and removed) when it fails its checks."""
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                meta = f.metadata() or {}
+                feats = f.get_tensor("features").numpy()
+            rows = len(meta.get("digests", "").split(","))
+            if feats.ndim != 2 or feats.shape[0] != rows or _checksum(feats) != meta.get("sha256"):
+                raise ValueError("its features do not match its checksum")
+        except FileNotFoundError:
+            reason = "it was removed"
+        except Exception as exc:  # noqa: BLE001 - any damage means: do not use it
+            reason = str(exc) or type(exc).__name__
+        else:
+            return feats
+        self._discard(shard, reason)
+        return None
+
+    def _discard(self, shard: Path, reason: str) -> None:
+        """Forget and remove a shard that failed its checks (a writer never leaves one: it renames whole files)."""
+        log.warning("feature cache: ignoring damaged shard %s (%s); its images are computed again", shard.name, reason)
+        if self._index is not None:
+            self._index = {d: v for d, v in self._index.items() if v[0] != shard}
+        try:
+            shard.unlink()
+        except OSError:
+            pass
 
     def put(self, digests: list[str], features: np.ndarray | torch.Tensor) -> None:
         """Store one batch of features as a new shard (atomically)."""
@@ -109,7 +143,8 @@ class CacheNamespace:
         try:
             self._ensure()
             with atomic_path(shard) as tmp:
-                save_file({"features": t}, str(tmp), metadata={"digests": ",".join(digests)})
+                save_file({"features": t}, str(tmp), metadata={"digests": ",".join(digests),
+                                                               "sha256": _checksum(t.numpy())})
         except OSError as exc:  # the cache is best-effort: a full disk or a read-only folder is not fatal
             self.disabled = True
             log.warning("feature cache disabled for this run: cannot write to '%s' (%s)", self.dir, exc)
@@ -117,6 +152,10 @@ class CacheNamespace:
         if self._index is not None:
             for row, d in enumerate(digests):
                 self._index.setdefault(d, (shard, row))
+
+
+def _checksum(features: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(features, dtype=np.float32).tobytes()).hexdigest()
 
 
 class FeatureCache:

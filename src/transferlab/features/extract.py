@@ -22,6 +22,7 @@ from .._progress import progress_bar
 from ..backbones.models import BackboneInfo, FeatureBackbone, Normalize
 from ..data.loader import ImageFiles, collate_images, worker_init
 from ..data.transforms import EvalTransform
+from ..distributed import SINGLE, World, all_gather_json, all_gather_rows, owners
 from ..runtime import FrozenGraph, autocast, pick_device, prepare_model, to_device_batch
 from .cache import CacheNamespace, FeatureCache
 
@@ -47,6 +48,7 @@ class Extraction:
     computed: int = 0
     cached: int = 0
     seconds: float = 0.0
+    per_rank: list[int] = field(default_factory=list)  # images each rank extracted (or read from the cache)
 
 
 class FeatureExtractor:
@@ -94,8 +96,14 @@ class FeatureExtractor:
 
     def extract(self, paths: Sequence[str], cache: FeatureCache | None = None, *,
                 transform: Callable | None = None, view: str = "eval",
-                description: str = "Extracting features") -> Extraction:
-        """Features for ``paths``; cached ones are read, the others computed and cached per batch."""
+                description: str = "Extracting features", world: World = SINGLE) -> Extraction:
+        """Features for ``paths``; cached ones are read, the others computed and cached per batch.
+
+        With several processes (``world``), each extracts its :func:`~transferlab.distributed.share` of
+        ``paths`` in batch-sized blocks (the batches one process would have formed, so the features are
+        the same) and every process gets the whole matrix."""
+        if world.active:
+            return self._extract_shared(paths, cache, transform, view, description, world)
         start = time.perf_counter()
         n = len(paths)
         dim = self.info.num_features
@@ -121,7 +129,24 @@ class FeatureExtractor:
         if todo:
             self._compute(paths, todo, digests, feats, ok, errors, ns, transform, description)
         return Extraction(feats, ok, errors, computed=len(todo) - sum(1 for i in todo if i in errors),
-                          cached=cached, seconds=time.perf_counter() - start)
+                          cached=cached, seconds=time.perf_counter() - start, per_rank=[n])
+
+    def _extract_shared(self, paths, cache, transform, view, description, world: World) -> Extraction:
+        start = time.perf_counter()
+        shares = owners(len(paths), world, self.batch_size)
+        part = self.extract([paths[i] for i in shares[world.rank]], cache, transform=transform, view=view,
+                            description=description)
+        feats = np.zeros((len(paths), self.info.num_features), dtype=np.float32)
+        ok = np.zeros(len(paths), dtype=bool)
+        for rows, f, k in zip(shares, all_gather_rows(world, part.features),
+                              all_gather_rows(world, part.ok.astype(np.uint8))):
+            feats[rows], ok[rows] = f, k.astype(bool)
+        notes = all_gather_json(world, {"errors": {str(i): r for i, r in part.errors.items()},
+                                        "computed": part.computed, "cached": part.cached})
+        errors = {rows[int(i)]: r for rows, note in zip(shares, notes) for i, r in note["errors"].items()}
+        return Extraction(feats, ok, errors, computed=sum(n["computed"] for n in notes),
+                          cached=sum(n["cached"] for n in notes), seconds=time.perf_counter() - start,
+                          per_rank=[len(s) for s in shares])
 
     def _compute(self, paths, todo, digests, feats, ok, errors, ns, transform, description) -> None:
         transform = transform or EvalTransform(self.info.preprocessing)
