@@ -141,7 +141,7 @@ def measure(name: str, kind: str, data: Path, root: Path, backbone: str) -> dict
         return row
     m = json.loads((run / "metrics.json").read_text())
     row["first_epoch_s"] = first_epoch_seconds(run)
-    row.update({"test_accuracy": m["test"]["accuracy"], "val_accuracy": (m.get("val") or {}).get("accuracy"),
+    row.update({"test_accuracy": (m.get("test") or {}).get("accuracy"), "val_accuracy": (m.get("val") or {}).get("accuracy"),
                 "plan": m.get("plan"), "finetune": m.get("finetune"), "timing": m.get("timing"),
                 "strategy": m.get("strategy"), "budget": m.get("budget"),
                 "n_images": m.get("n_images")})

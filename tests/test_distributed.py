@@ -4,6 +4,7 @@ a feature cache that several processes fill at once stays whole, and a damaged e
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from transferlab.distributed import SINGLE, World, launch_layout, owners, share
 from transferlab.pipeline import train
@@ -25,6 +27,18 @@ AUDIT = Path(__file__).parent / "audit"  # its sitecustomize records what each p
 ARGS = ["--image-size", "64", "--workers", "0", "--ft-batch-size", "16", "--seed", "3", "-q"]
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """This process computes with one thread, as each rank does (``OMP_NUM_THREADS=1``), so the comparisons
+    below hold bit for bit on any machine, whatever its number of cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run(argv: list[str], watched: Path, log: Path, launcher: list[str] | None = None,
          env: dict | None = None) -> subprocess.CompletedProcess:
     """``transferlab ARGV`` (under ``launcher``, e.g. torchrun), every process's writes under ``watched``
@@ -32,7 +46,7 @@ def _run(argv: list[str], watched: Path, log: Path, launcher: list[str] | None =
     log.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join([str(AUDIT), os.environ.get("PYTHONPATH", "")])
     full = {**os.environ, "PYTHONPATH": path, "TL_AUDIT_DIR": str(watched), "TL_AUDIT_LOG": str(log),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **(env or {})}
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, *(launcher or []), "-m", "transferlab.cli", *argv]
     p = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -88,7 +102,8 @@ def test_launch_layout_follows_torchrun_and_slurm(monkeypatch):
 def single_head_run(digits_dir, tmp_path_factory):
     """The one-process head run the two-process runs must reproduce."""
     out = tmp_path_factory.mktemp("one") / "run"
-    return train(digits_dir, out, mode="head", image_size=64, workers=0, seed=3, quiet=True, no_cache=True)
+    with _one_thread():
+        return train(digits_dir, out, mode="head", image_size=64, workers=0, seed=3, quiet=True, no_cache=True)
 
 
 def _features(digits_dir: Path, paths: list[str], cache_dir: Path | None = None):
@@ -98,7 +113,8 @@ def _features(digits_dir: Path, paths: list[str], cache_dir: Path | None = None)
 
     backbone, info = create_backbone("efficientnet_lite0", image_size=64)
     extractor = FeatureExtractor(backbone, info, workers=0, quiet=True)
-    return extractor, extractor.extract(paths, FeatureCache(cache_dir) if cache_dir else None)
+    with _one_thread():
+        return extractor, extractor.extract(paths, FeatureCache(cache_dir) if cache_dir else None)
 
 
 def test_head_run_over_two_processes_equals_the_one_process_run(digits_dir, tmp_path, single_head_run):
@@ -148,7 +164,8 @@ def test_auto_run_over_two_processes_shares_extraction_and_starts_from_one_head(
         assert m["test"] == single_head_run.metrics["test"]
     # whichever model was kept, the test predictions recorded are the saved model's
     test = list(csv.DictReader((run / "predictions.csv").open()))
-    saved = load_model(run / "model").predict([r["path"] for r in test], top_k=1)
+    with _one_thread():
+        saved = load_model(run / "model").predict([r["path"] for r in test], top_k=1)
     assert len(test) == m["n_images"]["test"] and [p.label for p in saved] == [r["predicted_label"] for r in test]
     _check_only_rank_zero_wrote(tmp_path / "writes", "metrics.json")
 
@@ -179,7 +196,8 @@ def test_predict_under_torchrun_writes_one_file_equal_to_one_process(trained_run
     out = tmp_path / "out"
     out.mkdir()
     one, two = out / "one.csv", out / "two.csv"
-    write_predictions(load_model(model).predict(expand_paths([digits_dir]), top_k=3), one)  # what one process writes
+    with _one_thread():  # what one process writes
+        write_predictions(load_model(model).predict(expand_paths([digits_dir]), top_k=3), one)
     _run(["predict", model, str(digits_dir), "-o", str(two)], out, tmp_path / "writes",
          launcher=["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())])
     assert two.read_text() == one.read_text()

@@ -21,8 +21,8 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["World", "SINGLE", "join", "requested_world", "first_launched", "launch_layout", "share", "owners", "all_gather_rows",
-           "all_gather_json", "broadcast_json", "broadcast_module", "barrier"]
+__all__ = ["World", "SINGLE", "join", "requested_world", "first_launched", "launch_layout", "share", "owners",
+           "all_gather_rows", "all_gather_json", "broadcast_json", "broadcast_module", "barrier"]
 
 
 @dataclass(frozen=True)

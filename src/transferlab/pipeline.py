@@ -47,6 +47,7 @@ from .strategy import budget_record, decision_record, portfolio, run_strategy, s
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
 from .training.plan import Plan
+from .training.race import Candidate
 from .training.head import HeadConfig, HeadResult, balanced_class_weights, fit_head, fit_probe
 from .training.multilabel import label_matrix
 from .training.openset import fit_knn_distance
@@ -343,6 +344,11 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     t_ft = time.perf_counter()
     if use_ft:
         plan = shared_plan(world, lambda: plan_finetune(plan, ds, cfg, model, info, stats, wall_start))
+        if not plan.finetune and not use_head:  # nothing would train: the cheapest thing that can
+            candidates, plan, use_head = _cheapest(candidates, plan, info.pretrained)
+            if use_head:
+                head, stats, ds, results = _head_phase(ds, cfg, backbone, info, run, skipped, history, world)
+                model = Classifier(backbone, head, info.preprocessing)
         if candidates and plan.finetune:
             plan = with_race_estimate(plan, candidates)
         _announce(plan, run, world)
@@ -383,6 +389,22 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     stats["distributed"] = distributed_record(world, stats, evaluated)
     return _finish(run, data, ds, cfg, info, model, results, history, skipped, stats, ft, ft_s, t_start,
                    notes, plan)
+
+
+def _cheapest(candidates: list[Candidate] | None, plan: Plan, pretrained: bool) -> tuple[list[Candidate] | None,
+                                                                                            Plan, bool]:
+    """What trains when the plan leaves no fine-tuning and no head was trained (a run never ends with an
+    untrained network): the scratch CNN alone when the race has it (its epochs come from its own, far lower,
+    measured cost), else the frozen-feature head of a pretrained backbone, else the share of an epoch the
+    deadline allows. Returns the candidates, the plan and whether the head phase runs."""
+    scratch = [c for c in candidates or () if c.name == "scratch"]
+    if scratch:
+        why = "the pretrained network does not fit in the budget: the scratch CNN alone trains, at its own cost"
+        return scratch, replace(plan, finetune=True, epochs=max(plan.epochs, 1.0), reasons=[*plan.reasons, why]), False
+    if pretrained:
+        return None, replace(plan, reasons=[*plan.reasons, "the frozen-feature head is trained instead"]), True
+    why = "half an epoch, which the deadline may cut: an untrained network is no result"
+    return candidates, replace(plan, finetune=True, epochs=max(plan.epochs, 0.5), reasons=[*plan.reasons, why]), False
 
 
 def finetune_config(cfg: TrainConfig, plan: Plan, use_head: bool, deadline: float | None, *,

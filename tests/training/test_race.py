@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -124,6 +125,25 @@ def test_a_race_on_tiny_data_records_every_candidate(digits_dir, tmp_path, monke
     html = (res.run_dir / "report.html").read_text()
     assert "Training strategy: the race" in html and "bn-adapt" in html
     assert not (res.run_dir / "race").exists()  # the rungs leave no checkpoints behind
+
+
+def test_a_run_whose_budget_fits_no_fine_tuning_still_trains_something(digits_dir, tmp_path, monkeypatch):
+    """Full Fashion-MNIST in 5 minutes: the race skipped the head (transfer against scratch), then the plan
+    found no room for an epoch of the pretrained network, and nothing trained. The scratch CNN alone trains
+    then, and without it the head."""
+    import transferlab.pipeline as pipeline
+
+    plan_finetune = pipeline.plan_finetune
+    monkeypatch.setattr(pipeline, "plan_finetune", lambda *a, **k: dataclasses.replace(
+        plan_finetune(*a, **k), finetune=False, epochs=0.0))
+    opts = dict(mode="auto", image_size=64, workers=0, quiet=True, diagnose=False)
+    res = pipeline.train(digits_dir, tmp_path / "scratch", candidates=("transfer", "scratch"), **opts)
+    assert res.metrics["strategy"]["winner"] == "scratch" and res.metrics["finetune"]["epochs_run"] >= 1
+    assert any("scratch CNN alone" in r for r in res.metrics["plan"]["reasons"])
+    assert res.metrics["test"]["accuracy"] is not None
+    res = pipeline.train(digits_dir, tmp_path / "head", candidates=("transfer",), **opts)
+    assert res.metrics["finetune"] is None and res.metrics["test"]["accuracy"] > 0.5  # the head: 10 classes
+    assert any("head is trained instead" in r for r in res.metrics["plan"]["reasons"])
 
 
 def test_recipe_single_keeps_the_one_recipe(digits_dir, tmp_path):
