@@ -25,8 +25,8 @@ from .evaluation.multilabel import MultiLabelResult, write_multilabel_outputs
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor
 from .distributed import SINGLE, World, broadcast_json, broadcast_module
-from .pipeline import RunResult, TrainConfig, _finetune_record, _jsonable, distributed_record, evaluate_files, \
-    evaluation_shares, extraction_shares, finetune_config, head_probs, shared_plan, shared_start
+from .pipeline import RunResult, TrainConfig, _finetune_record, _jsonable, evaluate_files, finetune_config, head_probs
+from .sharing import distributed_record, evaluation_shares, extraction_shares, shared_plan, shared_start
 from .planning import plan_finetune
 from .predict import Predictor
 from .training.callbacks import History

@@ -27,7 +27,7 @@ from .data.audit import audit, dedupe_across_splits
 from .data.scan import Dataset, Sample, Skipped, scan
 from .data.split import split_dataset, write_skipped_csv, write_split_csv
 from .data.transforms import TrainTransform
-from .distributed import SINGLE, World, broadcast_json, broadcast_module, first_launched, join, launch_layout, owners
+from .distributed import SINGLE, World, broadcast_json, broadcast_module, first_launched, join, launch_layout
 from .errors import ConfigError, DataError
 from .evaluation.calibration import expected_calibration_error
 from .evaluation.metrics import classification_metrics
@@ -42,7 +42,8 @@ from .planning import plan_finetune, plan_run
 from .predict import Predictor
 from .probability import apply_temperature, calibrated_nll, fit_temperature, softmax
 from .runtime import seed_cpu
-from .sharing import EVAL_BLOCK, predict_proba_shared
+from .sharing import (EVAL_BLOCK, distributed_record, evaluation_shares, extraction_shares, predict_proba_shared,
+                      shared_plan, shared_start)
 from .strategy import budget_record, decision_record, portfolio, run_strategy, skips_head, with_race_estimate
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
@@ -203,34 +204,6 @@ def _saved_winner(run: Path) -> str | None:
     return (race or {}).get("winner")
 
 
-def extraction_shares(samples: Sequence[Sample], ok: np.ndarray, world: World, block: int) -> list[int]:
-    """Validation and test images whose features each rank extracted (the head evaluates on those)."""
-    return [sum(1 for i in rows if ok[i] and samples[i].split in ("val", "test"))
-            for rows in owners(len(samples), world, block)]
-
-
-def shared_plan(world: World, make: Callable[[], Plan]) -> Plan:
-    """The plan rank 0 makes (it alone measures this machine's costs), on every rank: each process then
-    trains the same number of epochs at the same size."""
-    plan = make() if world.is_zero else None
-    if not world.active:
-        return plan  # type: ignore[return-value]
-    return Plan(**broadcast_json(world, plan.to_dict() if plan is not None else None))
-
-
-def shared_start(world: World, head: torch.nn.Module, initial_val_loss: float | None) -> float | None:
-    """Fine-tuning starts from rank 0's head and its validation loss on every rank."""
-    broadcast_module(world, head)
-    return broadcast_json(world, initial_val_loss)
-
-
-def distributed_record(world: World, stats: dict[str, Any], evaluated: list[int] | None) -> dict[str, Any]:
-    """``metrics.json``'s ``distributed``: the world size and the images each rank extracted and evaluated."""
-    return {"world_size": world.size, "extracted_per_rank": stats.get("extracted_per_rank", [0] * world.size),
-            "evaluated_per_rank": evaluated if evaluated is not None
-            else stats.get("evaluated_per_rank", [0] * world.size)}
-
-
 def _refuse_existing(run: Path, overwrite: bool) -> None:
     """A new run never writes into a folder that holds anything, unless ``overwrite`` is asked. Only the
     first process of a distributed run checks (the others start after it has written there)."""
@@ -379,7 +352,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
             ft = fit_finetune(model, *train_xy, *val_xy, ft_cfg, run, history, resume=resume,
                               pretrained=info.pretrained)
         model = broadcast_module(world, ft.model)  # every rank evaluates rank 0's weights
-        # else the model is the head's, already evaluated on its features
+        # evaluated again from the files, unless the head was kept (its results came from its features)
         if broadcast_json(world, bool(ft.improved or not results)):
             results = evaluate_files(model, ds, cfg, world)
             evaluated = evaluation_shares(ds, world)
@@ -458,12 +431,6 @@ def evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig, world: Worl
         else:
             out[sp] = SplitResult(_labels(kept, ds.classes), probs[ok], [s.path for s in kept])
     return out
-
-
-def evaluation_shares(ds: Dataset, world: World) -> list[int]:
-    """Validation and test images each rank's forward pass ran on in :func:`evaluate_files`."""
-    per_split = [owners(sum(1 for s in ds.samples if s.split == sp), world, EVAL_BLOCK) for sp in ("val", "test")]
-    return [sum(len(split[r]) for split in per_split) for r in range(world.size)]
 
 
 def _calibrate(results: dict[str, SplitResult]) -> tuple[dict[str, Any], np.ndarray | None]:

@@ -1,4 +1,4 @@
-"""Fine-tuning: resume after SIGKILL, time limit, DDP on two CPU processes, baselines and head shapes."""
+"""Fine-tuning: resume after SIGKILL, time limit, baselines and head shapes (DDP: tests/test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from transferlab.backbones import build_head, create_backbone
 from transferlab.pipeline import train
 from transferlab.predict import load_model
 
-from ..conftest import free_port
 
 FAST = ["--image-size", "64", "--workers", "0", "--ft-batch-size", "16", "-q"]
 
