@@ -267,7 +267,8 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
 
     if threshold is not None and not 0 <= threshold <= 1:
         raise typer.BadParameter(f"--threshold {threshold}: expected a probability between 0 and 1")
-    world = join(devices=launch_layout()[0], num_nodes=launch_layout()[1])  # torchrun / srun: each rank a share
+    devices, num_nodes = launch_layout()  # torchrun's or srun's layout: each rank predicts a share
+    world = join(devices=devices, num_nodes=num_nodes)
     predictor = load_model(model, engine="torch" if open_set and engine == "auto" else engine)
     if not as_json and world.is_zero:
         err.print(f"engine: {'ONNX Runtime' if predictor.engine == 'onnx' else 'PyTorch'}")
