@@ -4,7 +4,6 @@ and a trained model through predict, serve, export and evaluate."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import shutil
 from pathlib import Path

@@ -267,7 +267,7 @@ def run_strategy(candidates: Sequence[Candidate], model: Classifier, info: Backb
     record["survivor"] = {"name": race.winner.name, "epochs_planned": epochs, "epochs_run": ft.epochs_run,
                           "seconds": round(time.perf_counter() - t0, 1), "kept": ft.improved,
                           "stopped_early": ft.stopped_early, "stopped_by_time": ft.stopped_by_time,
-                          "validations": ft.validations, "why": why}
+                          "shortened_to": ft.shortened_to, "validations": ft.validations, "why": why}
     emit("race", candidate=race.winner.name, state="survivor done", kept=ft.improved)
     return StrategyOutcome(ft, winner_info, record)
 
@@ -282,6 +282,8 @@ def budget_record(limit_s: float | None, total_s: float, ft: FinetuneResult | No
         why = "the survivor converged (early stopping on validation)"
     elif ft.stopped_unpaid:
         why = "fine-tuning was stopped unpaid (--recipe single's rule)"
+    elif ft.shortened_to:
+        why = f"the survivor's schedule ended, shortened to {ft.shortened_to} epochs to anneal before the limit"
     else:
         why = "the survivor's planned epochs ended before the limit"
     return {"limit_s": limit_s, "used_s": round(total_s, 1),

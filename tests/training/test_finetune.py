@@ -247,3 +247,96 @@ def test_finetuning_without_validation_images_selects_on_the_training_loss(digit
     res = fit_finetune(model, paths, labels, [], [], cfg, tmp_path / "run", History(None, "finetune"), pretrained=False)
     assert res.epochs_run == 2 and res.validations == []
     assert any(not torch.equal(a, b) for a, b in zip(before, res.model.parameters()))
+
+
+def test_early_stopping_counts_from_the_peak_of_the_rate():
+    """Validation loss that rises while the rate warms up does not stop a fine-tuning: AnnealingStop ignores
+    the validations before its start step (they neither count nor set the best); after it, patience runs
+    out on three validations without gain, as Lightning's EarlyStopping would from the start."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from transferlab.training.callbacks import AnnealingStop
+
+    losses = [1.0, 2.0, 3.0, 4.0, 3.9, 3.8, 3.9, 3.9, 3.9] + [3.9] * 10  # warm-up, annealing, a plateau
+
+    class Scripted(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.passes = 0
+
+        def training_step(self, batch, _):
+            return (self.w * batch[0]).sum()
+
+        def validation_step(self, batch, _):
+            self.log("val_cal_loss", losses[self.passes])
+
+        def on_validation_epoch_end(self) -> None:
+            self.passes += 1
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def epochs(stop) -> int:
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)), batch_size=1)
+        trainer = L.Trainer(max_epochs=len(losses), callbacks=[stop], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            accelerator="cpu", devices=1)
+        trainer.fit(Scripted(), data, data)
+        return trainer.current_epoch
+
+    assert epochs(EarlyStopping("val_cal_loss", patience=3)) == 4  # stopped at the peak of the warm-up
+    annealing = AnnealingStop("val_cal_loss", patience=3, start_step=4)  # one step an epoch: the 4th on
+    assert epochs(annealing) == 9 and annealing.stopped  # best 3.8 (6th), then 3 passes without gain
+    never = AnnealingStop("val_cal_loss", patience=3, start_step=10_000)
+    assert epochs(never) == len(losses) and not never.stopped
+
+
+def test_the_schedule_shortens_to_anneal_before_the_deadline():
+    """Epochs slower than planned: after the first, the one-cycle schedule is shortened to the whole epochs
+    that fit before the deadline, so training ends on the schedule's last step at its floor rate instead of
+    being cut mid-way at a high one; without the shortening the deadline cuts it."""
+    import lightning as L
+
+    from transferlab.training.callbacks import AnnealByDeadline, Deadline
+    from transferlab.training.module import WarmupCosine
+
+    clock = [1000.0]
+
+    class Slow(L.LightningModule):  # each training step takes 10 (fake) seconds
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.schedule = WarmupCosine(10, 3)
+            self.lrs: list[float] = []
+
+        def training_step(self, batch, _):
+            clock[0] += 10.0
+            self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+            return (self.w * batch[0]).sum()
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=1.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def fit(shorten: bool):
+        clock[0] = 1000.0
+        deadline = Deadline(1055.0, eval_factor=0.0, margin_s=0.0)
+        deadline.clock = lambda: clock[0]
+        callbacks = [deadline, *([AnnealByDeadline(deadline)] if shorten else [])]
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)), batch_size=1)
+        trainer = L.Trainer(max_epochs=10, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+        module = Slow()
+        trainer.fit(module, data)
+        return trainer, module, deadline, callbacks[-1]
+
+    trainer, module, deadline, fitted = fit(shorten=True)
+    # after epoch 1 (10 s): 45 s left, 4 more epochs fit; the 5-step schedule keeps its warm-up share
+    assert fitted.shortened_to == 5 and module.schedule.total_steps == 5 and trainer.current_epoch == 5
+    assert not deadline.triggered and len(module.lrs) == 5 and module.lrs[-1] < 0.3  # the last step of its decay
+    trainer, module, deadline, _ = fit(shorten=False)
+    assert deadline.triggered and module.schedule.total_steps == 10 and len(module.lrs) == 6
+    assert module.lrs[-1] > 0.6  # cut near the peak of the rate

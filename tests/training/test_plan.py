@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab.backbones import build_head
 from transferlab.data.images import ImageInfo
 from transferlab.training.callbacks import BestWeights, MustPay
 from transferlab.training.head import HeadConfig, fit_probe

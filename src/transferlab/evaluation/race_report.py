@@ -42,11 +42,14 @@ def race_section(record: dict[str, Any], budget: dict[str, Any] | None = None) -
             rows.append([cand["name"], cand["description"], r.get("rung", "—"), r.get("slice_s"), r.get("seconds"),
                          r.get("epochs"), r.get("val_acc"), cand.get("status", "")])
     surv = record.get("survivor") or {}
+    shortened = (f", its schedule shortened to {surv['shortened_to']} epochs to anneal before the limit"
+                 if surv.get("shortened_to") else "")
     text = (f"<p>Winner: <b>{html.escape(str(record.get('winner')))}</b> ({html.escape(record.get('reason', ''))}). "
             f"Survivor: {html.escape(str(surv.get('why', '')))}; ran {surv.get('epochs_run', 0)} epoch(s) in "
             f"{surv.get('seconds', 0):.0f}s, {'kept' if surv.get('kept') else 'not better than the head, which was kept'}"
             f"{', converged (early stopping)' if surv.get('stopped_early') else ''}"
-            f"{', stopped by the time limit' if surv.get('stopped_by_time') else ''}.</p>")
+            f"{', stopped by the time limit' if surv.get('stopped_by_time') else ''}"
+            f"{shortened}.</p>")
     if budget and budget.get("limit_s"):
         text += (f"<p>Budget {budget['limit_s']:.0f}s, used {budget['used_s']:.0f}s, unused "
                  f"{budget['unused_s']:.0f}s: {html.escape(budget['why'])}.</p>")

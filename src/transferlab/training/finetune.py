@@ -22,13 +22,13 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from torch import nn
 
 from ..backbones.models import Classifier, SimpleCNN
 from ..config import TrainConfig
 from ..runtime import cpu_has_bf16, keep_freed_memory
-from .callbacks import BestWeights, Deadline, History, MustPay, StageUnfreeze
+from .callbacks import AnnealByDeadline, AnnealingStop, BestWeights, Deadline, History, MustPay, StageUnfreeze
 from .datamodule import FinetuneData
 from .module import ClassifierModule
 from .trainer import make_trainer
@@ -102,6 +102,7 @@ class FinetuneResult:
     improved: bool = True  # False: no validation beat the starting model, which was kept
     stopped_unpaid: bool = False  # stopped by MustPay
     stopped_early: bool = False  # stopped by early stopping on validation (converged)
+    shortened_to: int | None = None  # epochs the schedule was shortened to, to anneal before the deadline
 
 
 def backbone_stages(model: nn.Module) -> list[list[nn.Parameter]]:
@@ -259,7 +260,8 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     callbacks: list[Any] = [unfreeze, history, *([ema] if ema else []), best, ckpt]
     early = None
     if data.has_val:
-        early = EarlyStopping(monitor, patience=max(1, math.ceil(cfg.patience * batches / val_steps)), mode="min")
+        # patience counts from the rate's peak: while it warms up a rising loss is the schedule's own doing
+        early = AnnealingStop(monitor, patience=max(1, math.ceil(cfg.patience * batches / val_steps)))
         callbacks.append(early)
     deadline = Deadline(cfg.deadline, margin_s=cfg.reserve_s) if cfg.deadline else None
     must_pay = None
@@ -269,8 +271,9 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
         if cfg.discard_after_s is not None and data.has_val:
             must_pay = MustPay(best, cfg.discard_after_s)
             callbacks.append(must_pay)
+    fitted = AnnealByDeadline(deadline) if deadline is not None else None
     if deadline is not None:
-        callbacks.append(deadline)
+        callbacks += [deadline, fitted]
     # max_steps only for a share of an epoch: Lightning resumes a run cut at an epoch's end cleanly only
     # when max_epochs alone ends it
     trainer = make_trainer(run_dir / "logs", max_epochs=math.ceil(steps / batches),
@@ -291,7 +294,8 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
                           bool(deadline and deadline.triggered), trainer.is_global_zero,
                           validations=best.validations, improved=best.improved,
                           stopped_unpaid=bool(must_pay and must_pay.triggered),
-                          stopped_early=bool(early is not None and early.wait_count >= early.patience))
+                          stopped_early=bool(early is not None and early.stopped),
+                          shortened_to=fitted.shortened_to if fitted is not None else None)
 
 
 def _allow_checkpoint_globals() -> None:

@@ -13,21 +13,39 @@ from torch.nn import functional as F
 
 from ..probability import calibrated_nll, multilabel_nll
 
-__all__ = ["ClassifierModule", "cosine_with_warmup"]
+__all__ = ["ClassifierModule", "WarmupCosine", "cosine_with_warmup"]
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int, floor: float = 0.01):
-    """LR multiplier: linear warm-up to 1, then cosine decay to ``floor``."""
-    total_steps = max(1, total_steps)
-    warmup_steps = min(max(0, warmup_steps), total_steps - 1) if total_steps > 1 else 0
+class WarmupCosine:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``floor``, over ``total_steps``.
 
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    A callable object rather than a closure, so the schedule can be shortened while it runs
+    (:meth:`shorten`) and LambdaLR's checkpoint keeps its length (it saves a callable object's attributes).
+    """
 
-    return f
+    def __init__(self, total_steps: int, warmup_steps: int, floor: float = 0.01) -> None:
+        self.total_steps = max(1, total_steps)
+        self.warmup_steps = min(max(0, warmup_steps), self.total_steps - 1) if self.total_steps > 1 else 0
+        self.floor = floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def shorten(self, total_steps: int, step: int) -> None:
+        """End the schedule at ``total_steps`` instead, from training step ``step``: a warm-up still under
+        way shrinks in proportion; once past it the cosine decays over the steps that are left."""
+        total_steps = max(step + 1, min(total_steps, self.total_steps))
+        if step < self.warmup_steps:
+            self.warmup_steps = max(step, round(self.warmup_steps * total_steps / self.total_steps))
+        self.total_steps = total_steps
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, floor: float = 0.01) -> WarmupCosine:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``floor`` (:class:`WarmupCosine`)."""
+    return WarmupCosine(total_steps, warmup_steps, floor)
 
 
 class ClassifierModule(L.LightningModule):
