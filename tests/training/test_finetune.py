@@ -321,15 +321,15 @@ def test_the_schedule_shortens_to_anneal_before_the_deadline():
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def fit(shorten: bool):
+    def fit(shorten: bool, module=None, deadline_s: float = 55.0):
         clock[0] = 1000.0
-        deadline = Deadline(1055.0, eval_factor=0.0, margin_s=0.0)
+        deadline = Deadline(1000.0 + deadline_s, eval_factor=0.0, margin_s=0.0)
         deadline.clock = lambda: clock[0]
         callbacks = [deadline, *([AnnealByDeadline(deadline)] if shorten else [])]
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)), batch_size=1)
         trainer = L.Trainer(max_epochs=10, callbacks=callbacks, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
-        module = Slow()
+        module = module or Slow()
         trainer.fit(module, data)
         return trainer, module, deadline, callbacks[-1]
 
@@ -337,6 +337,9 @@ def test_the_schedule_shortens_to_anneal_before_the_deadline():
     # after epoch 1 (10 s): 45 s left, 4 more epochs fit; the 5-step schedule keeps its warm-up share
     assert fitted.shortened_to == 5 and module.schedule.total_steps == 5 and trainer.current_epoch == 5
     assert not deadline.triggered and len(module.lrs) == 5 and module.lrs[-1] < 0.3  # the last step of its decay
+    # resumed with its schedule shortened (as LambdaLR's checkpoint restores it): its epochs end with it
+    trainer, again, _, _ = fit(shorten=True, module=module, deadline_s=1e6)
+    assert trainer.current_epoch == 5 and len(again.lrs) == 10
     trainer, module, deadline, _ = fit(shorten=False)
     assert deadline.triggered and module.schedule.total_steps == 10 and len(module.lrs) == 6
     assert module.lrs[-1] > 0.6  # cut near the peak of the rate

@@ -301,6 +301,14 @@ class AnnealByDeadline(L.Callback):
         self._t = 0.0
         self.shortened_to: int | None = None  # the epochs the schedule was last shortened to
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a resumed run's schedule comes back shortened from its checkpoint: its epochs end with it
+        schedule = _schedule(trainer)
+        if schedule is not None and trainer.max_epochs:
+            epochs = math.ceil(schedule.total_steps / max(1, trainer.num_training_batches))
+            if epochs < trainer.max_epochs:
+                trainer.fit_loop.max_epochs, trainer.fit_loop.epoch_loop.max_steps = epochs, -1
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t = self.deadline.clock()
 
