@@ -4,8 +4,10 @@ A practitioner with fifteen minutes tries the few things that usually work, look
 drops what does not pay and spends the rest on the winner. :func:`portfolio` proposes the candidates
 from the data (its resolution and size) and the backbone; :func:`run_strategy` races them with
 successive halving (:mod:`transferlab.training.race`) and trains the survivor with the rest of the
-budget. The survivor stops before the deadline only when early stopping on validation says it has
-converged; a fine-tuning that never beats the head it started from leaves the head in place.
+budget. With a time limit the survivor's one-cycle schedule fills the budget and runs to its end (shortened
+when the measured pace says it would not fit) and the best validated weights are kept; without one, early
+stopping on validation (counted from the schedule's peak) ends it once it converges. A fine-tuning that
+never beats the head it started from leaves the head in place.
 
 Candidates (``--candidates``):
   recipe     fastai's ``fine_tune`` from the trained head: discriminative rates, EMA, BatchNorm statistics kept
@@ -64,6 +66,8 @@ SCRATCH_BATCH = 128
 MAX_SURVIVOR_EPOCHS = 40
 #: ... or this share of it (the rest absorbs estimation error; the deadline cuts a schedule that overruns).
 SURVIVOR_FILL = 0.9
+#: Early stopping's patience that never runs out (the rungs', and the survivor's under a time limit).
+NO_PATIENCE = 10_000
 #: Seconds a rung spends starting (the Trainer, the loaders' workers, the first batches): the digits at 224 px
 #: validated a rung's first 7 steps 21 s after its start, about 10 s more than the steps and the pass cost.
 RUNG_START_S = 10.0
@@ -170,7 +174,7 @@ def _rung(c: Candidate, ctx: _Context, seconds: float, rung: int) -> RungResult:
     val_every = epochs / 2 if epochs < 2 else 1.0
     deadline = min(time.time() + seconds, ctx.base.deadline) if ctx.base.deadline else None
     cfg = replace(ctx.base, epochs=epochs, deadline=deadline, val_every=val_every, discard_after_s=None,
-                  patience=10_000, reserve_s=0.0, initial_val_loss=None, quiet=True)
+                  patience=NO_PATIENCE, reserve_s=0.0, initial_val_loss=None, quiet=True)
     folder = ctx.run / "race" / f"{c.name}-rung{rung + 1}"
     emit("race", candidate=c.name, rung=rung + 1, slice_s=round(seconds, 1), state="start")
     t0 = time.perf_counter()
@@ -259,7 +263,10 @@ def run_strategy(candidates: Sequence[Candidate], model: Classifier, info: Backb
     decided(race.to_dict())
     epochs, why = _survivor_epochs(ctx, race, _epoch_seconds(race.winner, ctx))
     _announce(f"{race.winner.name}: {why}")
-    cfg = replace(base, epochs=epochs, discard_after_s=None)  # a loser is replaced, never an early exit
+    # a loser is replaced, never an early exit; with a limit the schedule fills the budget and runs to its end
+    # (the best validated weights are kept): a scratch CNN's 40-epoch schedule was early-stopped at 90% of its
+    # peak rate on a noisy validation loss. Without one, early stopping (from the peak) is the only stop.
+    cfg = replace(base, epochs=epochs, discard_after_s=None, patience=NO_PATIENCE if base.deadline else base.patience)
     history.phase = "finetune"
     t0 = time.perf_counter()
     ft, winner_info = _fit(race.winner, ctx, cfg, run, history, resume=resume)

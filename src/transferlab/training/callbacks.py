@@ -290,10 +290,10 @@ class AnnealByDeadline(L.Callback):
     the :class:`Deadline` stops training, so the rate has decayed when it does.
 
     The schedule's length comes from the plan's estimate of an epoch, measured on a few synthetic batches
-    before training; on a busy or slower machine real epochs run longer (on the 2-core benchmark CPU, 1.2x
-    to 1.4x), and a deadline that cuts a schedule three quarters of the way leaves the weights at a third
-    of the peak rate. The epoch just run (validation included) is the measure; the schedule only ever
-    shortens, and every process follows rank 0's decision.
+    before training; real epochs can run longer (on the 2-core benchmark CPU, 1.1x to 2.5x), and a
+    deadline that cuts a schedule three quarters of the way leaves the weights at a third of the peak rate.
+    The epoch just run (validation included) is the measure; the schedule only ever shortens, and every
+    process follows rank 0's decision.
     """
 
     def __init__(self, deadline: Deadline) -> None:
