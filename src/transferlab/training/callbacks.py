@@ -260,9 +260,12 @@ class Deadline(L.Callback):
         self.step_s = 0.0
         self.triggered = False
 
+    def seconds_left(self, extra: float = 0.0) -> float:
+        """Seconds of training left before the deadline, once its reserve (and ``extra``) is kept."""
+        return self.deadline - self.clock() - (self.margin_s + self.eval_factor * self.val_s + extra)
+
     def _check(self, trainer: L.Trainer, extra: float = 0.0) -> None:
-        reserve = self.margin_s + self.eval_factor * self.val_s + extra
-        stop = self.clock() + reserve >= self.deadline
+        stop = self.seconds_left(extra) <= 0
         if trainer.world_size > 1:  # every rank follows rank 0's clock (as Lightning's Timer): none waits alone
             stop = bool(trainer.strategy.broadcast(stop, src=0))
         if stop:
@@ -307,16 +310,15 @@ class AnnealByDeadline(L.Callback):
         if schedule is not None and trainer.max_epochs:
             epochs = math.ceil(schedule.total_steps / max(1, trainer.num_training_batches))
             if epochs < trainer.max_epochs:
-                trainer.fit_loop.max_epochs, trainer.fit_loop.epoch_loop.max_steps = epochs, -1
+                _end_at(trainer, epochs)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t = self.deadline.clock()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        d = self.deadline
-        epoch_s = d.clock() - self._t
+        epoch_s = self.deadline.clock() - self._t
         done = trainer.current_epoch + 1
-        left = d.deadline - d.clock() - d.margin_s - d.eval_factor * d.val_s
+        left = self.deadline.seconds_left()
         epochs = min(trainer.max_epochs or done, done + max(0, math.floor(left / max(epoch_s, 1e-9))))
         if trainer.world_size > 1:
             epochs = int(trainer.strategy.broadcast(epochs, src=0))
@@ -325,8 +327,13 @@ class AnnealByDeadline(L.Callback):
             return  # it fits, or nothing is left for the rate to decay over (the deadline stops it)
         batches = max(1, trainer.num_training_batches)
         schedule.shorten(epochs * batches, trainer.global_step)
-        trainer.fit_loop.max_epochs, trainer.fit_loop.epoch_loop.max_steps = epochs, -1
+        _end_at(trainer, epochs)
         self.shortened_to = epochs
+
+
+def _end_at(trainer: L.Trainer, epochs: int) -> None:
+    """The fit ends after ``epochs`` whole epochs (and no step limit ends it sooner)."""
+    trainer.fit_loop.max_epochs, trainer.fit_loop.epoch_loop.max_steps = epochs, -1
 
 
 def _schedule(trainer: L.Trainer) -> Any:
