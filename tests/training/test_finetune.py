@@ -293,10 +293,9 @@ def test_early_stopping_counts_from_the_peak_of_the_rate():
     assert epochs(never) == len(losses) and not never.stopped
 
 
-def test_the_schedule_shortens_to_anneal_before_the_deadline():
-    """Epochs slower than planned: after the first, the one-cycle schedule is shortened to the whole epochs
-    that fit before the deadline, so training ends on the schedule's last step at its floor rate instead of
-    being cut mid-way at a high one; without the shortening the deadline cuts it."""
+def _fit_on_a_fake_clock(anneal: bool, module=None, deadline_s: float = 55.0, step_s=lambda step: 10.0):
+    """A 10-epoch fit of one step an epoch under a :class:`Deadline` at ``deadline_s`` fake seconds, each
+    step taking ``step_s(step)`` of them; the module's one-cycle schedule is 10 steps (3 of warm-up)."""
     import lightning as L
 
     from transferlab.training.callbacks import AnnealByDeadline, Deadline
@@ -304,7 +303,7 @@ def test_the_schedule_shortens_to_anneal_before_the_deadline():
 
     clock = [1000.0]
 
-    class Slow(L.LightningModule):  # each training step takes 10 (fake) seconds
+    class Slow(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
@@ -312,7 +311,7 @@ def test_the_schedule_shortens_to_anneal_before_the_deadline():
             self.lrs: list[float] = []
 
         def training_step(self, batch, _):
-            clock[0] += 10.0
+            self.tick()
             self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
             return (self.w * batch[0]).sum()
 
@@ -321,25 +320,44 @@ def test_the_schedule_shortens_to_anneal_before_the_deadline():
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def fit(shorten: bool, module=None, deadline_s: float = 55.0):
-        clock[0] = 1000.0
-        deadline = Deadline(1000.0 + deadline_s, eval_factor=0.0, margin_s=0.0)
-        deadline.clock = lambda: clock[0]
-        callbacks = [deadline, *([AnnealByDeadline(deadline)] if shorten else [])]
-        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)), batch_size=1)
-        trainer = L.Trainer(max_epochs=10, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
-        module = module or Slow()
-        trainer.fit(module, data)
-        return trainer, module, deadline, callbacks[-1]
+    deadline = Deadline(1000.0 + deadline_s, eval_factor=0.0, margin_s=0.0)
+    deadline.clock = lambda: clock[0]
+    callbacks = [deadline, *([AnnealByDeadline(deadline)] if anneal else [])]
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)), batch_size=1)
+    trainer = L.Trainer(max_epochs=10, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    module = module or Slow()
+    module.tick = lambda: clock.__setitem__(0, clock[0] + step_s(len(module.lrs)))  # this fit's clock
+    trainer.fit(module, data)
+    return trainer, module, deadline, callbacks[-1]
 
-    trainer, module, deadline, fitted = fit(shorten=True)
+
+def test_the_schedule_shortens_to_anneal_before_the_deadline():
+    """Epochs slower than planned: after the first, the one-cycle schedule is shortened to the whole epochs
+    that fit before the deadline, so training ends on the schedule's last step at its floor rate instead of
+    being cut mid-way at a high one; without the shortening the deadline cuts it."""
+    trainer, module, deadline, fitted = _fit_on_a_fake_clock(anneal=True)
     # after epoch 1 (10 s): 45 s left, 4 more epochs fit; the 5-step schedule keeps its warm-up share
     assert fitted.shortened_to == 5 and module.schedule.total_steps == 5 and trainer.current_epoch == 5
     assert not deadline.triggered and len(module.lrs) == 5 and module.lrs[-1] < 0.3  # the last step of its decay
-    # resumed with its schedule shortened (as LambdaLR's checkpoint restores it): its epochs end with it
-    trainer, again, _, _ = fit(shorten=True, module=module, deadline_s=1e6)
-    assert trainer.current_epoch == 5 and len(again.lrs) == 10
-    trainer, module, deadline, _ = fit(shorten=False)
+    # resumed with its schedule shortened (as LambdaLR's checkpoint restores it): its epochs end with it,
+    # unless the resumed run's own limit fits the planned schedule again
+    trainer, again, _, fitted = _fit_on_a_fake_clock(anneal=True, module=module, deadline_s=55.0)
+    assert trainer.current_epoch == 5 and len(again.lrs) == 10 and again.schedule.total_steps == 5
+    trainer, again, _, fitted = _fit_on_a_fake_clock(anneal=True, module=module, deadline_s=1e6)
+    assert trainer.current_epoch == 10 and again.schedule.total_steps == 10 and fitted.shortened_to is None
+    trainer, module, deadline, _ = _fit_on_a_fake_clock(anneal=False)
     assert deadline.triggered and module.schedule.total_steps == 10 and len(module.lrs) == 6
     assert module.lrs[-1] > 0.6  # cut near the peak of the rate
+
+
+def test_a_schedule_shortened_on_a_slow_first_epoch_grows_back_to_its_plan():
+    """A first epoch of 40 s (the loaders starting) and 8 s after it, 120 s to the deadline: at the first
+    epoch's pace only 3 epochs fit and the schedule is shortened; the next epochs' pace fits the planned 10
+    again, the schedule grows back to them and ends on its own last step, before the deadline."""
+    trainer, module, deadline, fitted = _fit_on_a_fake_clock(
+        anneal=True, deadline_s=120.0, step_s=lambda step: 40.0 if step == 0 else 8.0)
+    assert fitted.shortened_to is None and trainer.current_epoch == 10 and len(module.lrs) == 10
+    assert module.schedule.total_steps == 10 and not deadline.triggered and module.lrs[-1] < 0.05
+    # the second epoch ran on the shortened schedule: its rate sat higher in the shorter warm-up
+    assert module.lrs[1] > 0.3 and module.lrs[2] < module.lrs[1] + 0.3

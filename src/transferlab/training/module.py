@@ -19,14 +19,16 @@ __all__ = ["ClassifierModule", "WarmupCosine", "cosine_with_warmup"]
 class WarmupCosine:
     """LR multiplier: linear warm-up to 1, then cosine decay to ``floor``, over ``total_steps``.
 
-    A callable object rather than a closure, so the schedule can be shortened while it runs
-    (:meth:`shorten`) and LambdaLR's checkpoint keeps its length (it saves a callable object's attributes).
+    A callable object rather than a closure, so the schedule can be resized while it runs (:meth:`resize`)
+    and LambdaLR's checkpoint keeps its length (it saves a callable object's attributes). It never grows
+    past the length it was planned with (``planned_steps``).
     """
 
     def __init__(self, total_steps: int, warmup_steps: int, floor: float = 0.01) -> None:
         self.total_steps = max(1, total_steps)
         self.warmup_steps = min(max(0, warmup_steps), self.total_steps - 1) if self.total_steps > 1 else 0
         self.floor = floor
+        self.planned_steps, self.planned_warmup = self.total_steps, self.warmup_steps
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -34,12 +36,15 @@ class WarmupCosine:
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def shorten(self, total_steps: int, step: int) -> None:
-        """End the schedule at ``total_steps`` instead, from training step ``step``: a warm-up still under
-        way shrinks in proportion; once past it the cosine decays over the steps that are left."""
-        total_steps = max(step + 1, min(total_steps, self.total_steps))
+    def resize(self, total_steps: int, step: int) -> None:
+        """End the schedule at ``total_steps`` instead (at most its planned length), from training step
+        ``step``: a warm-up still under way keeps its planned share of the new length; once past it the
+        cosine spans the new length (a longer one decays more slowly from here on)."""
+        planned = getattr(self, "planned_steps", self.total_steps)  # a checkpoint saved before it was kept
+        total_steps = max(step + 1, min(total_steps, planned))
         if step < self.warmup_steps:
-            self.warmup_steps = max(step, round(self.warmup_steps * total_steps / self.total_steps))
+            warmup = getattr(self, "planned_warmup", self.warmup_steps) * total_steps / planned
+            self.warmup_steps = max(step, min(round(warmup), total_steps - 1))
         self.total_steps = total_steps
 
 
