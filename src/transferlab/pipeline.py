@@ -462,7 +462,7 @@ def _finish(run: Path, data: Any, ds: Dataset, cfg: TrainConfig, info: Any, mode
               "head_s": round(stats["head_s"], 4), "finetune_s": round(ft_s, 4),
               "features_computed": stats["features_computed"], "features_cached": stats["features_cached"]}
     warnings = list(audit_warnings)
-    budget = budget_record(cfg.time_limit, total_s, ft)
+    budget = budget_record(cfg.time_limit, total_s, ft, cfg.ft_patience)
     if ft is not None and not ft.improved:
         why = " (stopped once a third of the budget had gone without gain)" if ft.stopped_unpaid else ""
         warnings.append(f"fine-tuning did not beat the head on the validation split{why}; the head was kept.")

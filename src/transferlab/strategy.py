@@ -279,8 +279,13 @@ def run_strategy(candidates: Sequence[Candidate], model: Classifier, info: Backb
     return StrategyOutcome(ft, winner_info, record)
 
 
-def budget_record(limit_s: float | None, total_s: float, ft: FinetuneResult | None) -> dict[str, Any]:
-    """The time limit, the seconds used and unused, and why the run ended where it did."""
+def budget_record(limit_s: float | None, total_s: float, ft: FinetuneResult | None,
+                  patience: float = 3.0) -> dict[str, Any]:
+    """The time limit, the seconds used and unused, and why the run ended where it did. A schedule that
+    ended ``patience`` epochs or more after its best validation had converged (early stopping's own test,
+    applied to the schedule a time limit runs to its end)."""
+    still = _epochs_without_gain(ft.validations, ft.epochs_run) if ft is not None else 0.0
+    shortened = f"shortened to {ft.shortened_to} epochs to anneal before the limit" if ft and ft.shortened_to else ""
     if ft is None:
         why = "no fine-tuning in this run"
     elif ft.stopped_by_time:
@@ -289,12 +294,23 @@ def budget_record(limit_s: float | None, total_s: float, ft: FinetuneResult | No
         why = "the survivor converged (early stopping on validation)"
     elif ft.stopped_unpaid:
         why = "fine-tuning was stopped unpaid (--recipe single's rule)"
-    elif ft.shortened_to:
-        why = f"the survivor's schedule ended, shortened to {ft.shortened_to} epochs to anneal before the limit"
+    elif still >= patience:
+        why = (f"the survivor had converged: its schedule ended {still:g} epochs after its best validation"
+               + (f" ({shortened})" if shortened else ""))
+    elif shortened:
+        why = f"the survivor's schedule ended, {shortened}"
     else:
         why = "the survivor's planned epochs ended before the limit"
     return {"limit_s": limit_s, "used_s": round(total_s, 1),
-            "unused_s": round(max(0.0, limit_s - total_s), 1) if limit_s else None, "why": why}
+            "unused_s": round(max(0.0, limit_s - total_s), 1) if limit_s else None, "why": why,
+            "epochs_without_gain": round(still, 2)}
+
+
+def _epochs_without_gain(validations: Sequence[dict[str, Any]], epochs_run: int) -> float:
+    """Epochs from the last validation that improved on the best so far (or from the start, when none
+    beat the model the fit started from) to the end of the fit."""
+    best = [v.get("epoch") or 0.0 for v in validations if v.get("best")]
+    return max(0.0, float(epochs_run) - (max(best) if best else 0.0))
 
 
 def decision_record(race: dict[str, Any] | None) -> dict[str, Any] | None:

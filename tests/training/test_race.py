@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from transferlab.strategy import portfolio, skips_head
+from transferlab.strategy import budget_record, portfolio, skips_head
 from transferlab.training.race import (RACE_SHARE, Candidate, RungResult, projected_error, slice_seconds,
                                       successive_halving)
 
@@ -100,6 +100,27 @@ def test_portfolio_follows_the_data():
     assert [c.name for c in portfolio(300, 54_000, True)] == ["recipe"]
     assert [c.name for c in portfolio(28, 54_000, False)] == ["transfer"]
     assert [c.name for c in portfolio(None, 10, True, ("orient", "recipe", "orient"))] == ["orient", "recipe"]
+
+
+def test_the_budget_says_why_the_run_ended_where_it_did():
+    """A schedule that ran to its end long after its best validation converged (early stopping's test, after
+    the fact); one whose last validations still gained ended by its plan; a shortened one says so."""
+    from transferlab.training.finetune import FinetuneResult
+
+    def ended(best_at: list[float], epochs: int, shortened: int | None = None) -> dict:
+        vals = [{"epoch": float(e), "best": e in best_at} for e in range(1, epochs + 1)]
+        ft = FinetuneResult(model=None, validations=vals, epochs_run=epochs, shortened_to=shortened)
+        return budget_record(900.0, 600.0, ft, patience=3)
+
+    converged = ended([1, 2, 5], 12)
+    assert converged["unused_s"] == 300.0 and converged["epochs_without_gain"] == 7
+    assert "converged" in converged["why"] and "7 epochs after its best" in converged["why"]
+    assert "converged" in ended([], 12)["why"]  # never beat where it started: no gain in 12 epochs
+    gaining = ended([1, 5, 11], 12)
+    assert gaining["epochs_without_gain"] == 1 and gaining["why"] == "the survivor's planned epochs ended before the limit"
+    cut = ended([10], 12, shortened=12)
+    assert "shortened to 12 epochs" in cut["why"] and "converged" not in cut["why"]
+    assert budget_record(None, 60.0, None)["unused_s"] is None
 
 
 def test_a_race_on_tiny_data_records_every_candidate(digits_dir, tmp_path, monkeypatch):
