@@ -530,7 +530,7 @@ def _finetune_record(ft: FinetuneResult | None, seconds: float) -> dict[str, Any
         return None
     return {"seconds": round(seconds, 2), "kept": ft.improved, "epochs_run": ft.epochs_run,
             "stopped_by_time": ft.stopped_by_time, "stopped_unpaid": ft.stopped_unpaid,
-            "shortened_to": ft.shortened_to, "validations": ft.validations}
+            "shortened_to": ft.shortened_to, "weights": ft.kept_weights, "validations": ft.validations}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

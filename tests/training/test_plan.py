@@ -178,3 +178,34 @@ def test_best_weights_keep_the_averaged_weights():
     for k, v in best.state.items():
         assert torch.allclose(v, averaged[k]) and torch.allclose(final[k], v)
     assert not torch.allclose(raw.raw["model.weight"], best.state["model.weight"])  # not the last iterate
+
+
+def test_a_schedule_run_to_its_end_keeps_its_final_weights_when_asked():
+    """With ``keep_final`` a fit that ran its schedule out ends with its final averaged weights, though its
+    best validation came first; without it, or when a callback stopped the fit, the best are kept."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    class FirstIsBest(L.Callback):  # no validation after the first beats it
+        def __init__(self, best: BestWeights, stop_at: int | None = None) -> None:
+            self.best, self.stop_at = best, stop_at
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            self.best.best = -1e9
+            if self.stop_at is not None and trainer.current_epoch + 1 >= self.stop_at:
+                trainer.should_stop = True
+
+    def fit(keep_final: bool, stop_at: int | None = None):
+        ema = EMAWeightAveraging(decay=0.5)
+        best = BestWeights("val_cal_loss", averaging=ema, keep_final=keep_final)
+        trainer = _tiny_fit([ema, best, FirstIsBest(best, stop_at)], max_epochs=4)
+        averaged = {k[len("module."):]: v for k, v in ema._average_model.state_dict().items()
+                    if k.startswith("module.")}
+        return best, trainer.lightning_module.state_dict(), averaged
+
+    best, ended, averaged = fit(keep_final=True)
+    assert best.kept == "final" and best.best_epoch == 0 and best.improved
+    assert torch.allclose(ended["model.weight"], averaged["model.weight"])
+    assert not torch.allclose(ended["model.weight"], best.state["model.weight"])  # not the first epoch's
+    for keep_final, stop_at in ((False, None), (True, 2)):
+        best, ended, _ = fit(keep_final, stop_at)
+        assert best.kept == "best" and torch.allclose(ended["model.weight"], best.state["model.weight"])

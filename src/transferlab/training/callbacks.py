@@ -93,11 +93,20 @@ class BestWeights(L.Callback):
     started, the monitored value, validation accuracy and whether it was the best so far. With
     ``averaging`` (Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging`, which validates
     the averaged weights), the averaged weights are the ones kept.
+
+    With ``keep_final``, a fit that ran its schedule to the end (no callback stopped it) and beat its
+    starting point at least once keeps the weights it ended with instead (``kept`` says which): the
+    annealed end of a one-cycle schedule is the point it was designed for, and a validation split of a few
+    hundred images cannot rank the checkpoints of one schedule (fm100's best validation loss, at epoch 4 of
+    16, scored 0.8521 on its 10,000 test images, its final weights 0.8730; BENCHMARKS.md).
     """
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "min", averaging: Any = None) -> None:
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", averaging: Any = None,
+                 keep_final: bool = False) -> None:
         self.monitor, self.mode = monitor, mode
         self.averaging = averaging
+        self.keep_final = keep_final
+        self.kept = "best"  # which weights the fit ended with: "best" validated or "final"
         self.best: float | None = None
         self.best_epoch: int = -1
         self.state: dict[str, torch.Tensor] | None = None
@@ -135,7 +144,12 @@ class BestWeights(L.Callback):
             self.state = copy.deepcopy({k: v.detach().cpu() for k, v in source.state_dict().items()})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.state is not None:
+        if self.keep_final and self.improved and not trainer.should_stop:
+            averaged = getattr(self.averaging, "_average_model", None)
+            if averaged is not None:
+                pl_module.load_state_dict(averaged.module.state_dict())
+            self.kept = "final"
+        elif self.state is not None:
             pl_module.load_state_dict(self.state)
 
     def state_dict(self) -> dict[str, Any]:
@@ -296,11 +310,11 @@ class AnnealByDeadline(L.Callback):
     The schedule's length comes from the plan's estimate of an epoch, measured on a few synthetic batches
     before training; real epochs can run longer (on the 2-core benchmark CPU, 1.1x to 2.5x), and a
     deadline that cuts a schedule three quarters of the way leaves the weights at a third of the peak rate.
-    The pace is the median epoch so far (validation included), the first left out once there are others:
-    it carries the loaders' start, and fm20's first epoch of 22 s against 15-18 s after it had shortened a
-    40-epoch schedule to 31 that then left a third of the budget unused. A schedule shortened on a slow
-    epoch grows back (never past its planned length) when the pace allows it with half an epoch to spare;
-    every process follows rank 0's decision.
+    The pace is the median epoch so far (validation included), the first left out once there are others
+    (it carries the loaders' start). A schedule shortened on a slow epoch grows back (never past its
+    planned length) when the pace allows it with half an epoch to spare: paced by the epoch just run and
+    only ever shortened, fm20's 40-epoch schedule (epochs of 15-23 s) ended at 31 with a third of the
+    budget unused. Every process follows rank 0's decision.
     """
 
     def __init__(self, deadline: Deadline) -> None:

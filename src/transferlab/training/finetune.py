@@ -85,6 +85,7 @@ class FinetuneConfig:
     multilabel: bool = False  # labels are 0/1 rows; binary cross-entropy, class_weights = positive weights
     train_bn: bool = False  # BatchNorm statistics adapt to the data (train mode) in the stages that train
     cpu_bf16: bool = False  # train in bf16 on a CPU that has it (a plain CNN: 2x; depthwise convolutions: slower)
+    keep_final: bool = False  # a schedule run to its end keeps its final weights, not its best validated ones
     quiet: bool = False
 
 
@@ -103,6 +104,7 @@ class FinetuneResult:
     stopped_unpaid: bool = False  # stopped by MustPay
     stopped_early: bool = False  # stopped by early stopping on validation (converged)
     shortened_to: int | None = None  # epochs the schedule was shortened to, to anneal before the deadline
+    kept_weights: str = "best"  # "best" validated, or "final" (keep_final and the schedule ran to its end)
 
 
 def backbone_stages(model: nn.Module) -> list[list[nn.Parameter]]:
@@ -256,7 +258,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
         # the one-cycle schedule single iterates are noisy, and the average starts from the trained head.
         ema = EMAWeightAveraging(decay=1.0 - 1.0 / max(5.0, EMA_SPAN * (steps - freeze_epochs * batches)),
                                  update_starting_at_step=freeze_epochs * batches)
-    best = BestWeights(monitor, averaging=ema)
+    best = BestWeights(monitor, averaging=ema, keep_final=cfg.keep_final)
     callbacks: list[Any] = [unfreeze, history, *([ema] if ema else []), best, ckpt]
     early = None
     if data.has_val:
@@ -295,7 +297,8 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
                           validations=best.validations, improved=best.improved,
                           stopped_unpaid=bool(must_pay and must_pay.triggered),
                           stopped_early=bool(early is not None and early.stopped),
-                          shortened_to=fitted.shortened_to if fitted is not None else None)
+                          shortened_to=fitted.shortened_to if fitted is not None else None,
+                          kept_weights=best.kept)
 
 
 def _allow_checkpoint_globals() -> None:
