@@ -6,8 +6,9 @@ from the data (its resolution and size) and the backbone; :func:`run_strategy` r
 successive halving (:mod:`transferlab.training.race`) and trains the survivor with the rest of the
 budget. With a time limit the survivor's one-cycle schedule fills the budget and runs to its end (shortened
 when the measured pace says it would not fit, grown back toward its plan when it fits again) and its final
-weights are kept (a cut schedule keeps its best validated ones); without one, early stopping on validation (counted from the schedule's peak)
-ends it once it converges. A fine-tuning that never beats the head it started from leaves the head in place.
+weights are kept (a cut schedule keeps its best validated ones); without one, early stopping on
+validation (counted from the schedule's peak) ends it once it converges, and its best validated weights
+are kept. A fine-tuning that never beats the head it started from leaves the head in place.
 
 Candidates (``--candidates``):
   recipe     fastai's ``fine_tune`` from the trained head: discriminative rates, EMA, BatchNorm statistics kept

@@ -117,7 +117,8 @@ def test_the_budget_says_why_the_run_ended_where_it_did():
     assert "converged" in converged["why"] and "7 epochs after its best" in converged["why"]
     assert "converged" in ended([], 12)["why"]  # never beat where it started: no gain in 12 epochs
     gaining = ended([1, 5, 11], 12)
-    assert gaining["epochs_without_gain"] == 1 and gaining["why"] == "the survivor's planned epochs ended before the limit"
+    assert gaining["epochs_without_gain"] == 1
+    assert gaining["why"] == "the survivor's planned epochs ended before the limit"
     cut = ended([10], 12, shortened=12)
     assert "shortened to 12 epochs" in cut["why"] and "converged" not in cut["why"]
     assert budget_record(None, 60.0, None)["unused_s"] is None

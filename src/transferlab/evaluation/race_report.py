@@ -33,6 +33,13 @@ def race_png(record: dict[str, Any]) -> bytes:
     return figure_png(fig)
 
 
+def _fate(surv: dict[str, Any]) -> str:
+    """Whether the survivor's fine-tuning was kept, and which of its weights."""
+    if not surv.get("kept"):
+        return "not better than the head, which was kept"
+    return "kept (its final weights)" if surv.get("weights") == "final" else "kept (its best validated weights)"
+
+
 def race_section(record: dict[str, Any], budget: dict[str, Any] | None = None) -> tuple[str, str]:
     """(heading, HTML): what raced, what each rung said, who survived and what the budget left unused."""
     rows = []
@@ -46,7 +53,7 @@ def race_section(record: dict[str, Any], budget: dict[str, Any] | None = None) -
                  if surv.get("shortened_to") else "")
     text = (f"<p>Winner: <b>{html.escape(str(record.get('winner')))}</b> ({html.escape(record.get('reason', ''))}). "
             f"Survivor: {html.escape(str(surv.get('why', '')))}; ran {surv.get('epochs_run', 0)} epoch(s) in "
-            f"{surv.get('seconds', 0):.0f}s, {'kept' if surv.get('kept') else 'not better than the head, which was kept'}"
+            f"{surv.get('seconds', 0):.0f}s, {_fate(surv)}"
             f"{', converged (early stopping)' if surv.get('stopped_early') else ''}"
             f"{', stopped by the time limit' if surv.get('stopped_by_time') else ''}"
             f"{shortened}.</p>")
