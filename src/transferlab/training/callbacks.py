@@ -352,7 +352,7 @@ class AnnealByDeadline(L.Callback):
             return  # as it stands, or nothing is left for the rate to decay over (the deadline stops it)
         batches = max(1, trainer.num_training_batches)
         if epochs >= planned:  # back to the plan: its steps and its own end
-            schedule.resize(getattr(schedule, "planned_steps", schedule.total_steps), trainer.global_step)
+            schedule.resize(schedule.planned_steps, trainer.global_step)
             trainer.fit_loop.max_epochs, trainer.fit_loop.epoch_loop.max_steps = self._planned
             self.shortened_to = None
         else:

@@ -40,10 +40,11 @@ class WarmupCosine:
         """End the schedule at ``total_steps`` instead (at most its planned length), from training step
         ``step``: a warm-up still under way keeps its planned share of the new length; once past it the
         cosine spans the new length (a longer one decays more slowly from here on)."""
-        planned = getattr(self, "planned_steps", self.total_steps)  # a checkpoint saved before it was kept
-        total_steps = max(step + 1, min(total_steps, planned))
+        # (a checkpoint from before planned_steps existed leaves the fresh schedule's, from this run's plan:
+        # LambdaLR's load_state_dict updates the callable's attributes, it does not replace them)
+        total_steps = max(step + 1, min(total_steps, self.planned_steps))
         if step < self.warmup_steps:
-            warmup = getattr(self, "planned_warmup", self.warmup_steps) * total_steps / planned
+            warmup = self.planned_warmup * total_steps / self.planned_steps
             self.warmup_steps = max(step, min(round(warmup), total_steps - 1))
         self.total_steps = total_steps
 
