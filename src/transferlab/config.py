@@ -27,6 +27,7 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 MODES = ("head", "finetune", "auto", "knn")
 BALANCE = ("none", "weights", "sampler")
 RECIPES = ("race", "single")
+MIXUP_CHOICES = ("auto", "on", "off")
 #: The training recipes a race may try (described in transferlab.strategy).
 CANDIDATE_NAMES = ("recipe", "bn-adapt", "orient", "transfer", "scratch")
 
@@ -44,6 +45,8 @@ class TrainConfig:
     head / dropout: MLP widths (empty: linear) and dropout. epochs / lr / batch_size / patience: the head
         phase (extraction picks its own batch size, see :class:`FeatureExtractor`).
     ft_epochs / ft_lr / ft_patience / ft_batch_size: the fine-tuning phase.
+    ft_mixup: ``auto|on|off``: MixUp and CutMix in fine-tuning (``auto``: a pretrained network's schedule of
+        5 epochs or more, single-label; see :func:`transferlab.training.finetune.mixes`).
     augment: ``none|light|strong`` for fine-tuning; aug_views: augmented views cached per image (head).
     balance: ``none|weights|sampler`` against class imbalance (the loss weighted by inverse class
         frequency, or a sampler that draws the classes evenly).
@@ -78,6 +81,7 @@ class TrainConfig:
     ft_batch_size: int = 32
     ft_patience: int = 3
     ft_label_smoothing: float = 0.1
+    ft_mixup: str = "auto"
     freeze_epochs: int = 1
     unfreeze: str = "all"
     frozen_stride: int = 4
@@ -121,6 +125,8 @@ class TrainConfig:
                               f"{', '.join(CANDIDATE_NAMES)}.")
         if self.balance not in BALANCE:
             raise ConfigError(f"balance {self.balance!r}: expected one of {', '.join(BALANCE)}.")
+        if self.ft_mixup not in MIXUP_CHOICES:
+            raise ConfigError(f"mixup {self.ft_mixup!r}: expected one of {', '.join(MIXUP_CHOICES)}.")
         if self.augment not in AUGMENT_PRESETS:
             raise ConfigError(f"augment {self.augment!r}: expected one of {', '.join(AUGMENT_PRESETS)}.")
         if self.frozen_stride < 0:

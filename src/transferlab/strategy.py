@@ -277,7 +277,8 @@ def run_strategy(candidates: Sequence[Candidate], model: Classifier, info: Backb
     record["survivor"] = {"name": race.winner.name, "epochs_planned": epochs, "epochs_run": ft.epochs_run,
                           "seconds": round(time.perf_counter() - t0, 1), "kept": ft.improved,
                           "stopped_early": ft.stopped_early, "stopped_by_time": ft.stopped_by_time,
-                          "shortened_to": ft.shortened_to, "weights": ft.kept_weights, "validations": ft.validations,
+                          "shortened_to": ft.shortened_to, "weights": ft.kept_weights, "mixup": ft.mixup,
+                          "validations": ft.validations,
                           "why": why}
     emit("race", candidate=race.winner.name, state="survivor done", kept=ft.improved)
     return StrategyOutcome(ft, winner_info, record)

@@ -155,6 +155,14 @@ def test_time_limit_parsing():
         parse_duration("soon")
 
 
+def test_the_time_limit_counts_from_the_process_start_imports_included():
+    code = ("import time; time.sleep(1.0); t = time.time(); from transferlab.cli.common import process_started_at; "
+            "print(t - process_started_at())")
+    waited = float(subprocess.check_output([sys.executable, "-c", code], text=True))
+    # on Linux the second slept before the clock was read counts (elsewhere the clock starts at the import)
+    assert (1.0 if sys.platform.startswith("linux") else 0.0) <= waited < 120
+
+
 def test_stride4_stages_stay_frozen_in_finetuning():
     import timm
 

@@ -139,6 +139,7 @@ def test_a_race_on_tiny_data_records_every_candidate(digits_dir, tmp_path, monke
     assert sorted(c["status"] for c in race["candidates"]) == ["dropped after rung 1", "dropped after rung 2",
                                                               "survivor"]
     assert race["survivor"]["name"] == race["winner"] and race["survivor"]["epochs_planned"] == 1
+    assert race["survivor"]["mixup"] is False  # a one-epoch schedule trains on plain batches
     assert res.metrics["budget"]["limit_s"] is None
     plan = json.loads((res.run_dir / "plan.json").read_text())
     assert plan["race"]["winner"] == race["winner"]

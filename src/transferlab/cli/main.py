@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,10 +12,10 @@ from rich.table import Table
 
 from ..config import TrainConfig, duration_seconds, read_config_file
 from ..errors import ConfigError, TransferlabError
-from .common import csv_ints, err, out, print_json, setup_logging, whole_names
+from .common import csv_ints, err, out, print_json, process_started_at, setup_logging, whole_names
 from .data_commands import cache_app, data_app
 
-_STARTED_AT = time.time()  # --time-limit counts from here: the user's clock, imports included
+_STARTED_AT = process_started_at()  # --time-limit counts from here: the user's clock, imports included
 _D = TrainConfig()  # every default of train's options (and the default backbone) comes from here
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -150,6 +149,9 @@ def train_cmd(
     candidates: Optional[str] = typer.Option(None, "--candidates",
                                              help="Recipes to race, comma-separated (default: chosen from the data): "
                                                   "recipe, bn-adapt, orient, transfer, scratch."),
+    mixup: str = typer.Option(_D.ft_mixup, "--mixup",
+                              help="auto, on or off: MixUp and CutMix in fine-tuning (auto: on for a pretrained "
+                                   "network's schedule of 5 epochs or more)."),
     aug_views: int = typer.Option(_D.aug_views, "--aug-views", help="Head mode: cache K augmented views per training image."),
     balance: str = typer.Option(_D.balance, "--balance", help="none, weights (loss weighted by inverse class "
                                 "frequency) or sampler (classes drawn evenly)."),
@@ -188,7 +190,8 @@ def train_cmd(
     options = dict(backbone=backbone, mode=mode, head=csv_ints(head), dropout=dropout, epochs=epochs,
                    lr=lr, batch_size=batch_size, patience=patience, ft_epochs=ft_epochs, ft_lr=ft_lr,
                    ft_batch_size=ft_batch_size, ft_patience=ft_patience, freeze_epochs=freeze_epochs,
-                   unfreeze=unfreeze, frozen_stride=frozen_stride, augment=augment, aug_views=aug_views, balance=balance,
+                   unfreeze=unfreeze, frozen_stride=frozen_stride, augment=augment, ft_mixup=mixup, aug_views=aug_views,
+                   balance=balance,
                    label_smoothing=label_smoothing, weight_decay=weight_decay,
                    grad_clip=grad_clip or None, time_limit=parse_duration(time_limit), seed=seed, val=val, test=test,
                    cut_stage=cut_stage, image_size=image_size, pretrained=not no_pretrained,

@@ -53,7 +53,8 @@ def race_section(record: dict[str, Any], budget: dict[str, Any] | None = None) -
                  if surv.get("shortened_to") else "")
     text = (f"<p>Winner: <b>{html.escape(str(record.get('winner')))}</b> ({html.escape(record.get('reason', ''))}). "
             f"Survivor: {html.escape(str(surv.get('why', '')))}; ran {surv.get('epochs_run', 0)} epoch(s) in "
-            f"{surv.get('seconds', 0):.0f}s, {_fate(surv)}"
+            f"{surv.get('seconds', 0):.0f}s{' on mixed batches (MixUp, CutMix)' if surv.get('mixup') else ''}, "
+            f"{_fate(surv)}"
             f"{', converged (early stopping)' if surv.get('stopped_early') else ''}"
             f"{', stopped by the time limit' if surv.get('stopped_by_time') else ''}"
             f"{shortened}.</p>")

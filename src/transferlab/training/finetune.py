@@ -10,6 +10,13 @@ default, ``lr/2 .. lr/200`` from 1e-4, left the backbone nearly still, so fine-t
 and was then thrown away (BENCHMARKS.md). The stages at output stride 4 or finer (stem and first
 blocks) stay frozen, as in Detectron2: they are generic, their discriminative rate would be tiny
 anyway, and skipping their backward pass makes a training step about 1.7x faster on a CPU.
+
+A schedule of :data:`MIXUP_MIN_EPOCHS` epochs or more trains on mixed batches (:func:`mixes`): each batch is
+either MixUp (alpha 0.2) or CutMix (alpha 1.0) of itself, timm's ``Mixup`` with its label smoothing. Many
+epochs over a small set overfit: on Fashion-MNIST at 100 images per class the validation loss of the 15
+minutes' 15-epoch schedule was lowest at its fourth epoch; with mixed batches it fell to the end (0.290
+against 0.332 at best) and the test accuracy rose from 0.868 to 0.878 (BENCHMARKS.md). A short schedule
+keeps plain batches: mixing slows what little training it has (fastai: MixUp needs more epochs).
 """
 
 from __future__ import annotations
@@ -34,12 +41,17 @@ from .module import ClassifierModule
 from .trainer import make_trainer
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "fit_finetune", "backbone_stages", "early_stages", "StageUnfreeze",
-           "Deadline", "precision_for", "LR_SPREAD", "WARMUP"]
+           "Deadline", "precision_for", "mixes", "LR_SPREAD", "WARMUP", "MIXUP_MIN_EPOCHS"]
 
 #: Ratio of the top stage's learning rate to the stem's (fastai's ``slice(lr/100, lr)``).
 LR_SPREAD = 100.0
 #: Share of the fine-tuning steps spent warming the learning rate up (fastai's ``pct_start``).
 WARMUP = 0.3
+#: Fine-tuning mixes its batches (``mixup`` auto) when its schedule has at least this many epochs ...
+MIXUP_MIN_EPOCHS = 5.0
+#: ... with MixUp at this Beta(alpha, alpha) or CutMix at this one, each half of the batches (timm's defaults
+#: for CutMix and the low end of its MixUp range, as in its fine-tuning recipes).
+MIXUP_ALPHA, CUTMIX_ALPHA = 0.2, 1.0
 #: The exponential moving average of the weights spans this share of the fine-tuning steps.
 EMA_SPAN = 0.1
 
@@ -62,6 +74,7 @@ class FinetuneConfig:
     frozen_stride: int = TrainConfig.frozen_stride  # pretrained stages at this output stride or finer stay frozen
     weight_decay: float = TrainConfig.weight_decay
     label_smoothing: float = TrainConfig.ft_label_smoothing
+    mixup: str = TrainConfig.ft_mixup  # auto|on|off (see mixes)
     val_every: float = 1.0
     optimizer: str = "adamw"
     ema: bool = True
@@ -105,6 +118,7 @@ class FinetuneResult:
     stopped_early: bool = False  # stopped by early stopping on validation (converged)
     shortened_to: int | None = None  # epochs the schedule was shortened to, to anneal before the deadline
     kept_weights: str = "best"  # "best" validated, or "final" (keep_final and the schedule ran to its end)
+    mixup: bool = False  # trained on mixed batches (MixUp or CutMix)
 
 
 def backbone_stages(model: nn.Module) -> list[list[nn.Parameter]]:
@@ -197,6 +211,23 @@ def precision_for(accelerator: str, mixed_precision: bool, cpu_bf16: bool = Fals
     return "bf16-mixed" if cpu_bf16 and cpu_has_bf16() else "32-true"
 
 
+def mixes(cfg: FinetuneConfig, pretrained: bool = True) -> bool:
+    """Whether fine-tuning trains on mixed batches: ``mixup`` on, or auto with a pretrained network, a
+    schedule of :data:`MIXUP_MIN_EPOCHS` or more, and one label per image (the scratch CNN's and multi-label
+    training's defaults were measured without it)."""
+    if cfg.mixup != "auto":
+        return cfg.mixup == "on" and not cfg.multilabel
+    return pretrained and not cfg.multilabel and cfg.epochs >= MIXUP_MIN_EPOCHS
+
+
+def batch_mixer(n_classes: int, label_smoothing: float) -> Any:
+    """timm's ``Mixup``: per batch MixUp or CutMix (half each), soft targets with ``label_smoothing``."""
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, switch_prob=0.5,
+                 label_smoothing=label_smoothing, num_classes=n_classes)
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -226,9 +257,10 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
         groups.append({"params": [p for s in stages for p in s], "lr": cfg.head_lr or cfg.lr})
     model = model.to(memory_format=torch.channels_last)
     keep_freed_memory()
+    mix = batch_mixer(_n_outputs(model.head), cfg.label_smoothing) if mixes(cfg, pretrained) else None
     module = _FinetuneModule(model, lr=cfg.lr, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
                              class_weights=cfg.class_weights, warmup=WARMUP, param_groups=groups, optimizer=cfg.optimizer,
-                             input_transform=_channels_last, multilabel=cfg.multilabel)
+                             input_transform=_channels_last, multilabel=cfg.multilabel, mix=mix)
     pre_cfg = model.preprocessing
     data = FinetuneData(pre_cfg, train_paths, train_y, val_paths, val_y, batch_size=cfg.batch_size,
                         augment=cfg.augment, seed=cfg.seed, workers=cfg.workers,
@@ -298,7 +330,12 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
                           stopped_unpaid=bool(must_pay and must_pay.triggered),
                           stopped_early=bool(early is not None and early.stopped),
                           shortened_to=fitted.shortened_to if fitted is not None else None,
-                          kept_weights=best.kept)
+                          kept_weights=best.kept, mixup=mix is not None)
+
+
+def _n_outputs(head: nn.Module) -> int:
+    """The number of classes a head scores: its last linear layer's outputs."""
+    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
 def _allow_checkpoint_globals() -> None:

@@ -66,12 +66,15 @@ class ClassifierModule(L.LightningModule):
         warmup: share of the training steps spent in linear warm-up before the cosine decay.
         input_transform: applied to inputs on the device before ``model`` (e.g. channels_last).
         optimizer: ``adamw`` (default) or ``sgd`` (Nesterov momentum 0.9).
+        mix: maps a training batch ``(x, y)`` to mixed inputs and soft targets (timm's ``Mixup``, which applies
+            the label smoothing itself); ``None``: plain batches. A batch of odd size trains unmixed.
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 1e-4,
                  label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
                  warmup: float = 0.0, param_groups: list[dict[str, Any]] | None = None,
-                 input_transform: Any = None, optimizer: str = "adamw", multilabel: bool = False) -> None:
+                 input_transform: Any = None, optimizer: str = "adamw", multilabel: bool = False,
+                 mix: Any = None) -> None:
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
@@ -80,6 +83,7 @@ class ClassifierModule(L.LightningModule):
         self.input_transform = input_transform
         self.optimizer = optimizer
         self.multilabel = multilabel
+        self.mix = mix
         w = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", w, persistent=False)
         self._val_out: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -91,10 +95,16 @@ class ClassifierModule(L.LightningModule):
 
     def _step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch[0], batch[-1]
+        mixed = stage == "train" and self.mix is not None and x.shape[0] % 2 == 0
+        if mixed:  # soft targets, smoothed by the mixer; accuracy against each image's own label
+            x, soft = self.mix(x.float(), y)
         logits = self(x).float()
         if self.multilabel:  # accuracy: the share of label decisions right at 0.5
             loss = F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=self.class_weights)
             acc = ((logits > 0) == (y > 0)).float().mean()
+        elif mixed:
+            loss = F.cross_entropy(logits, soft, weight=self.class_weights)
+            acc = (logits.argmax(1) == y).float().mean()
         else:
             loss = F.cross_entropy(logits, y, weight=self.class_weights,
                                    label_smoothing=self.label_smoothing if stage == "train" else 0.0)
