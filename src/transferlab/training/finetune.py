@@ -42,7 +42,7 @@ from .module import ClassifierModule
 from .trainer import make_trainer
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "fit_finetune", "backbone_stages", "early_stages", "StageUnfreeze",
-           "Deadline", "precision_for", "mixes", "LR_SPREAD", "WARMUP", "MIXUP_MIN_EPOCHS"]
+           "Deadline", "precision_for", "mixes", "batch_mixer", "LR_SPREAD", "WARMUP", "MIXUP_MIN_EPOCHS"]
 
 #: Ratio of the top stage's learning rate to the stem's (fastai's ``slice(lr/100, lr)``).
 LR_SPREAD = 100.0
