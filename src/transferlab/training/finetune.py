@@ -16,8 +16,8 @@ either MixUp (alpha 0.2) or CutMix (alpha 1.0) of itself, timm's ``Mixup`` with 
 epochs over a small set overfit: on Fashion-MNIST at 100 images per class the validation loss of the 15
 minutes' 15-epoch schedule was lowest at its fourth epoch; with mixed batches it fell to the end (0.266
 against 0.332 at best) and the test accuracy rose from 0.868 to 0.878, on 200 images per class from 0.827
-to 0.834 (BENCHMARKS.md). A short schedule
-keeps plain batches: mixing slows what little training it has (fastai: MixUp needs more epochs).
+to 0.834 (BENCHMARKS.md). A short schedule keeps plain batches: mixing slows what little training it
+has (fastai: MixUp needs more epochs).
 """
 
 from __future__ import annotations
