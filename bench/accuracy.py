@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -112,9 +113,11 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, float, float]:
     return os.waitstatus_to_exitcode(status), time.time() - t, usage.ru_maxrss / 1024
 
 
-def measure(name: str, kind: str, data: Path, root: Path, backbone: str) -> dict:
-    run = root / "runs" / f"{name}-{kind}"
-    log = root / "runs" / f"{name}-{kind}.log"
+def measure(name: str, kind: str, data: Path, root: Path, backbone: str, extra: list[str] = (),
+            tag: str = "") -> dict:
+    label = f"{kind}~{tag}" if tag else kind
+    run = root / "runs" / f"{name}-{label}"
+    log = root / "runs" / f"{name}-{label}.log"
     run.parent.mkdir(parents=True, exist_ok=True)
     if kind == "probe":
         res_file = run.with_suffix(".json")
@@ -131,8 +134,9 @@ def measure(name: str, kind: str, data: Path, root: Path, backbone: str) -> dict
         else:
             budget, _, recipe = kind.partition("-")
             cmd += ["--quiet", "--time-limit", budget] + (["--recipe", recipe] if recipe else [])
+        cmd += list(extra)
     rc, wall, rss = run_child(cmd, log)
-    row = {"dataset": name, "run": kind, "rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
+    row = {"dataset": name, "run": label, "train_args": list(extra), "rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
     if rc != 0:
         row["error"] = log.read_text()[-2000:]
         return row
@@ -230,6 +234,9 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--estimate-check", action="store_true")
     ap.add_argument("--runs", default=None, help="only these runs, comma-separated (e.g. 15m,15m-single,nolimit)")
+    ap.add_argument("--train-args", default="", help="more options for every `transferlab train` run, as one "
+                    "string (e.g. '--drop-path 0'); give them a --tag")
+    ap.add_argument("--tag", default="", help="names these runs apart: run '15m~TAG' (kept beside the untagged)")
     ap.add_argument("--table-only", action="store_true", help="print the table of the results so far")
     ap.add_argument("--probe-only", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--probe-out", type=Path, help=argparse.SUPPRESS)
@@ -250,13 +257,17 @@ def main() -> None:
     if args.runs:
         wanted = args.runs.split(",")
         jobs = [(d, k) for d in names for k in wanted]
+    extra, tag = shlex.split(args.train_args), args.tag
+    if extra and not tag:
+        ap.error("--train-args needs a --tag, so that its runs are not taken for the default's")
     for name, kind in ([] if args.table_only else jobs):
-        if (name, kind) in done:
+        label = f"{kind}~{tag}" if tag and kind != "probe" else kind
+        if (name, label) in done:
             continue
         data = build(name, root)
-        print(f"{name} {kind} ...", flush=True)
-        row = measure(name, kind, data, root, args.backbone)
-        rows = [r for r in rows if (r["dataset"], r["run"]) != (name, kind)] + [row]
+        print(f"{name} {label} ...", flush=True)
+        row = measure(name, kind, data, root, args.backbone, *((extra, tag) if kind != "probe" else ()))
+        rows = [r for r in rows if (r["dataset"], r["run"]) != (name, label)] + [row]
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"  test accuracy {row.get('test_accuracy')}, {row['wall_s']} s, {row['peak_rss_mb']} MB", flush=True)

@@ -392,7 +392,8 @@ def finetune_config(cfg: TrainConfig, plan: Plan, use_head: bool, deadline: floa
         unfreeze=cfg.unfreeze, frozen_stride=cfg.frozen_stride, weight_decay=cfg.weight_decay,
         label_smoothing=0.0 if multilabel else cfg.ft_label_smoothing,
         batch_size=cfg.ft_batch_size, patience=cfg.ft_patience, grad_clip=cfg.grad_clip, augment=cfg.augment,
-        mixup=cfg.ft_mixup, class_weights=class_weights, balance_sampler=cfg.balance == "sampler", seed=cfg.seed,
+        mixup=cfg.ft_mixup, drop_path=cfg.ft_drop_path, class_weights=class_weights,
+        balance_sampler=cfg.balance == "sampler", seed=cfg.seed,
         workers=default_workers() if cfg.workers is None else cfg.workers, accelerator=cfg.accelerator,
         devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
         mixed_precision=cfg.mixed_precision, deadline=deadline, quiet=cfg.quiet,
@@ -528,10 +529,7 @@ def _finetune_record(ft: FinetuneResult | None, seconds: float) -> dict[str, Any
     """What fine-tuning did: every validation pass, whether its result was kept, and why it stopped."""
     if ft is None:
         return None
-    return {"seconds": round(seconds, 2), "kept": ft.improved, "epochs_run": ft.epochs_run,
-            "stopped_by_time": ft.stopped_by_time, "stopped_unpaid": ft.stopped_unpaid,
-            "shortened_to": ft.shortened_to, "weights": ft.kept_weights, "mixup": ft.mixup,
-            "validations": ft.validations}
+    return {"seconds": round(seconds, 2), **ft.to_record()}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -274,12 +274,8 @@ def run_strategy(candidates: Sequence[Candidate], model: Classifier, info: Backb
     t0 = time.perf_counter()
     ft, winner_info = _fit(race.winner, ctx, cfg, run, history, resume=resume)
     record = race.to_dict()
-    record["survivor"] = {"name": race.winner.name, "epochs_planned": epochs, "epochs_run": ft.epochs_run,
-                          "seconds": round(time.perf_counter() - t0, 1), "kept": ft.improved,
-                          "stopped_early": ft.stopped_early, "stopped_by_time": ft.stopped_by_time,
-                          "shortened_to": ft.shortened_to, "weights": ft.kept_weights, "mixup": ft.mixup,
-                          "validations": ft.validations,
-                          "why": why}
+    record["survivor"] = {"name": race.winner.name, "epochs_planned": epochs,
+                          "seconds": round(time.perf_counter() - t0, 1), **ft.to_record(), "why": why}
     emit("race", candidate=race.winner.name, state="survivor done", kept=ft.improved)
     return StrategyOutcome(ft, winner_info, record)
 

@@ -83,3 +83,31 @@ def test_finetuning_on_mixed_batches_trains_and_says_so(digits_dir, tmp_path):
                                                                  quiet=True, ema=False), tmp_path / "plain",
                          History(None, "finetune"), pretrained=False)
     assert not plain.mixup
+
+
+def test_stochastic_depth_is_for_long_schedules_and_leaves_the_network_as_it_was():
+    from transferlab.backbones import create_backbone
+    from transferlab.training.finetune import DROP_PATH, drop_path_for, stochastic_depth
+
+    assert drop_path_for(FinetuneConfig(epochs=MIXUP_MIN_EPOCHS)) == DROP_PATH
+    assert drop_path_for(FinetuneConfig(epochs=MIXUP_MIN_EPOCHS - 0.1)) == 0.0
+    assert drop_path_for(FinetuneConfig(epochs=20), pretrained=False) == 0.0
+    assert drop_path_for(FinetuneConfig(epochs=20, multilabel=True)) == 0.0
+    assert drop_path_for(FinetuneConfig(epochs=1, drop_path=0.3)) == 0.3
+    torch.manual_seed(0)
+    bb, _ = create_backbone("efficientnet_lite0", pretrained=False)
+    x = torch.randn(2, 3, 64, 64)
+    stats = {k: v.clone() for k, v in bb.state_dict().items()}  # a training pass moves BatchNorm's statistics
+    with torch.no_grad():
+        trained = bb.train()(x)  # batch statistics: the same for the same batch
+        bb.load_state_dict(stats)
+        plain = bb.eval()(x)
+        with stochastic_depth(bb, 0.5) as n:
+            rates = [m.drop_path.drop_prob for m in bb.modules() if hasattr(m, "drop_path")]
+            assert n == len(rates) > 2 and rates[0] == 0.0 and rates[-1] == 0.5 and rates == sorted(rates)
+            assert torch.equal(bb(x), plain)  # inference never drops a branch
+            assert not torch.equal(bb.train()(x), trained)  # training does
+        bb.load_state_dict(stats)
+        bb.eval()
+        assert all(isinstance(m.drop_path, nn.Identity) for m in bb.modules() if hasattr(m, "drop_path"))
+        assert torch.equal(bb(x), plain)

@@ -152,6 +152,9 @@ def train_cmd(
     mixup: str = typer.Option(_D.ft_mixup, "--mixup",
                               help="auto, on or off: MixUp and CutMix in fine-tuning (auto: on for a pretrained "
                                    "network's schedule of 5 epochs or more)."),
+    drop_path: Optional[float] = typer.Option(None, "--drop-path",
+                                              help="Stochastic depth's rate at the deepest block in fine-tuning "
+                                                   "(default: 0.2 where --mixup auto mixes, else 0)."),
     aug_views: int = typer.Option(_D.aug_views, "--aug-views", help="Head mode: cache K augmented views per training image."),
     balance: str = typer.Option(_D.balance, "--balance", help="none, weights (loss weighted by inverse class "
                                 "frequency) or sampler (classes drawn evenly)."),
@@ -190,8 +193,8 @@ def train_cmd(
     options = dict(backbone=backbone, mode=mode, head=csv_ints(head), dropout=dropout, epochs=epochs,
                    lr=lr, batch_size=batch_size, patience=patience, ft_epochs=ft_epochs, ft_lr=ft_lr,
                    ft_batch_size=ft_batch_size, ft_patience=ft_patience, freeze_epochs=freeze_epochs,
-                   unfreeze=unfreeze, frozen_stride=frozen_stride, augment=augment, ft_mixup=mixup, aug_views=aug_views,
-                   balance=balance,
+                   unfreeze=unfreeze, frozen_stride=frozen_stride, augment=augment, ft_mixup=mixup,
+                   ft_drop_path=drop_path, aug_views=aug_views, balance=balance,
                    label_smoothing=label_smoothing, weight_decay=weight_decay,
                    grad_clip=grad_clip or None, time_limit=parse_duration(time_limit), seed=seed, val=val, test=test,
                    cut_stage=cut_stage, image_size=image_size, pretrained=not no_pretrained,

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -53,6 +54,10 @@ MIXUP_MIN_EPOCHS = 5.0
 #: ... with MixUp at this Beta(alpha, alpha) or CutMix at this one, each half of the batches (timm's defaults
 #: for CutMix and the low end of its MixUp range, as in its fine-tuning recipes).
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.2, 1.0
+#: A long schedule (the same condition as mixing) also trains with stochastic depth: each residual branch is
+#: dropped with a probability rising linearly with depth to this rate (timm's rule; Keras's EfficientNets
+#: fine-tune with their pretraining's drop-connect rate, 0.2).
+DROP_PATH = 0.2
 #: The exponential moving average of the weights spans this share of the fine-tuning steps.
 EMA_SPAN = 0.1
 
@@ -99,6 +104,7 @@ class FinetuneConfig:
     multilabel: bool = False  # labels are 0/1 rows; binary cross-entropy, class_weights = positive weights
     train_bn: bool = False  # BatchNorm statistics adapt to the data (train mode) in the stages that train
     cpu_bf16: bool = False  # train in bf16 on a CPU that has it (a plain CNN: 2x; depthwise convolutions: slower)
+    drop_path: float | None = None  # stochastic depth's deepest rate; None: DROP_PATH for a long schedule (drop_path_for)
     keep_final: bool = False  # a schedule run to its end keeps its final weights, not its best validated ones
     quiet: bool = False
 
@@ -120,6 +126,15 @@ class FinetuneResult:
     shortened_to: int | None = None  # epochs the schedule was shortened to, to anneal before the deadline
     kept_weights: str = "best"  # "best" validated, or "final" (keep_final and the schedule ran to its end)
     mixup: bool = False  # trained on mixed batches (MixUp or CutMix)
+    drop_path: float = 0.0  # stochastic depth's deepest rate in training
+
+    def to_record(self) -> dict[str, Any]:
+        """What fine-tuning did, for ``metrics.json``: every validation pass, whether its result was kept,
+        which weights, how it trained and why it stopped."""
+        return {"epochs_run": self.epochs_run, "kept": self.improved, "stopped_early": self.stopped_early,
+                "stopped_by_time": self.stopped_by_time, "stopped_unpaid": self.stopped_unpaid,
+                "shortened_to": self.shortened_to, "weights": self.kept_weights, "mixup": self.mixup,
+                "drop_path": self.drop_path, "validations": self.validations}
 
 
 def backbone_stages(model: nn.Module) -> list[list[nn.Parameter]]:
@@ -219,6 +234,33 @@ def mixes(cfg: FinetuneConfig, pretrained: bool = True) -> bool:
     if cfg.mixup != "auto":
         return cfg.mixup == "on" and not cfg.multilabel
     return pretrained and not cfg.multilabel and cfg.epochs >= MIXUP_MIN_EPOCHS
+
+
+def drop_path_for(cfg: FinetuneConfig, pretrained: bool = True) -> float:
+    """Stochastic depth's rate at the deepest block: ``drop_path`` when set, else :data:`DROP_PATH` where a
+    pretrained network's schedule is long enough to mix its batches (``mixup`` auto's rule), else 0."""
+    if cfg.drop_path is not None:
+        return float(cfg.drop_path)
+    return DROP_PATH if pretrained and not cfg.multilabel and cfg.epochs >= MIXUP_MIN_EPOCHS else 0.0
+
+
+@contextmanager
+def stochastic_depth(model: nn.Module, rate: float) -> Iterator[int]:
+    """Within the block, every residual branch of ``model`` that timm names ``drop_path`` is dropped in
+    training with a probability rising linearly from 0 at the first such block to ``rate`` at the last
+    (timm's ``drop_path_rate``); afterwards the blocks are as they were. Yields how many blocks drop."""
+    from timm.layers import DropPath
+
+    owners = [m for m in model.modules() if isinstance(getattr(m, "drop_path", None), (nn.Identity, DropPath))]
+    before = [m.drop_path for m in owners]
+    try:
+        if rate > 0:
+            for i, m in enumerate(owners):
+                m.drop_path = DropPath(rate * i / max(1, len(owners) - 1)).train(m.training)
+        yield len(owners) if rate > 0 else 0
+    finally:
+        for m, old in zip(owners, before):
+            m.drop_path = old
 
 
 def batch_mixer(n_classes: int, label_smoothing: float) -> Any:
@@ -323,7 +365,9 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     if ckpt_path:
         _allow_checkpoint_globals()
     module.train()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    drop_path = drop_path_for(cfg, pretrained)
+    with stochastic_depth(model.backbone, drop_path):
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     model = module.model.eval()
     return FinetuneResult(model, history.rows, best.best_epoch + 1, trainer.current_epoch,
                           bool(deadline and deadline.triggered), trainer.is_global_zero,
@@ -331,7 +375,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
                           stopped_unpaid=bool(must_pay and must_pay.triggered),
                           stopped_early=bool(early is not None and early.stopped),
                           shortened_to=fitted.shortened_to if fitted is not None else None,
-                          kept_weights=best.kept, mixup=mix is not None)
+                          kept_weights=best.kept, mixup=mix is not None, drop_path=drop_path)
 
 
 def _n_outputs(head: nn.Module) -> int:
