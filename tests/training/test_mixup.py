@@ -85,15 +85,12 @@ def test_finetuning_on_mixed_batches_trains_and_says_so(digits_dir, tmp_path):
     assert not plain.mixup
 
 
-def test_stochastic_depth_is_for_long_schedules_and_leaves_the_network_as_it_was():
+def test_stochastic_depth_drops_branches_in_training_only_and_leaves_the_network_as_it_was():
     from transferlab.backbones import create_backbone
-    from transferlab.training.finetune import DROP_PATH, drop_path_for, stochastic_depth
+    from transferlab.training.finetune import stochastic_depth
 
-    assert drop_path_for(FinetuneConfig(epochs=MIXUP_MIN_EPOCHS)) == DROP_PATH
-    assert drop_path_for(FinetuneConfig(epochs=MIXUP_MIN_EPOCHS - 0.1)) == 0.0
-    assert drop_path_for(FinetuneConfig(epochs=20), pretrained=False) == 0.0
-    assert drop_path_for(FinetuneConfig(epochs=20, multilabel=True)) == 0.0
-    assert drop_path_for(FinetuneConfig(epochs=1, drop_path=0.3)) == 0.3
+    with pytest.raises(ConfigError, match="drop_path 1.0"):
+        TrainConfig(ft_drop_path=1.0).validate()
     torch.manual_seed(0)
     bb, _ = create_backbone("efficientnet_lite0", pretrained=False)
     x = torch.randn(2, 3, 64, 64)

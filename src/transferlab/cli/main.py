@@ -152,9 +152,9 @@ def train_cmd(
     mixup: str = typer.Option(_D.ft_mixup, "--mixup",
                               help="auto, on or off: MixUp and CutMix in fine-tuning (auto: on for a pretrained "
                                    "network's schedule of 5 epochs or more)."),
-    drop_path: Optional[float] = typer.Option(None, "--drop-path",
-                                              help="Stochastic depth's rate at the deepest block in fine-tuning "
-                                                   "(default: 0.2 where --mixup auto mixes, else 0)."),
+    drop_path: float = typer.Option(_D.ft_drop_path, "--drop-path",
+                                    help="Stochastic depth in fine-tuning: the rate at the deepest residual block, "
+                                         "rising linearly from 0 at the first (timm's rule)."),
     aug_views: int = typer.Option(_D.aug_views, "--aug-views", help="Head mode: cache K augmented views per training image."),
     balance: str = typer.Option(_D.balance, "--balance", help="none, weights (loss weighted by inverse class "
                                 "frequency) or sampler (classes drawn evenly)."),

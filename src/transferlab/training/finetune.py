@@ -43,7 +43,8 @@ from .module import ClassifierModule
 from .trainer import make_trainer
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "fit_finetune", "backbone_stages", "early_stages", "StageUnfreeze",
-           "Deadline", "precision_for", "mixes", "batch_mixer", "LR_SPREAD", "WARMUP", "MIXUP_MIN_EPOCHS"]
+           "Deadline", "precision_for", "mixes", "batch_mixer", "stochastic_depth", "LR_SPREAD", "WARMUP",
+           "MIXUP_MIN_EPOCHS"]
 
 #: Ratio of the top stage's learning rate to the stem's (fastai's ``slice(lr/100, lr)``).
 LR_SPREAD = 100.0
@@ -54,10 +55,6 @@ MIXUP_MIN_EPOCHS = 5.0
 #: ... with MixUp at this Beta(alpha, alpha) or CutMix at this one, each half of the batches (timm's defaults
 #: for CutMix and the low end of its MixUp range, as in its fine-tuning recipes).
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.2, 1.0
-#: A long schedule (the same condition as mixing) also trains with stochastic depth: each residual branch is
-#: dropped with a probability rising linearly with depth to this rate (timm's rule; Keras's EfficientNets
-#: fine-tune with their pretraining's drop-connect rate, 0.2).
-DROP_PATH = 0.2
 #: The exponential moving average of the weights spans this share of the fine-tuning steps.
 EMA_SPAN = 0.1
 
@@ -104,7 +101,7 @@ class FinetuneConfig:
     multilabel: bool = False  # labels are 0/1 rows; binary cross-entropy, class_weights = positive weights
     train_bn: bool = False  # BatchNorm statistics adapt to the data (train mode) in the stages that train
     cpu_bf16: bool = False  # train in bf16 on a CPU that has it (a plain CNN: 2x; depthwise convolutions: slower)
-    drop_path: float | None = None  # stochastic depth's deepest rate; None: DROP_PATH for a long schedule (drop_path_for)
+    drop_path: float = TrainConfig.ft_drop_path  # stochastic depth's rate at the deepest block (stochastic_depth)
     keep_final: bool = False  # a schedule run to its end keeps its final weights, not its best validated ones
     quiet: bool = False
 
@@ -236,14 +233,6 @@ def mixes(cfg: FinetuneConfig, pretrained: bool = True) -> bool:
     return pretrained and not cfg.multilabel and cfg.epochs >= MIXUP_MIN_EPOCHS
 
 
-def drop_path_for(cfg: FinetuneConfig, pretrained: bool = True) -> float:
-    """Stochastic depth's rate at the deepest block: ``drop_path`` when set, else :data:`DROP_PATH` where a
-    pretrained network's schedule is long enough to mix its batches (``mixup`` auto's rule), else 0."""
-    if cfg.drop_path is not None:
-        return float(cfg.drop_path)
-    return DROP_PATH if pretrained and not cfg.multilabel and cfg.epochs >= MIXUP_MIN_EPOCHS else 0.0
-
-
 @contextmanager
 def stochastic_depth(model: nn.Module, rate: float) -> Iterator[int]:
     """Within the block, every residual branch of ``model`` that timm names ``drop_path`` is dropped in
@@ -365,8 +354,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     if ckpt_path:
         _allow_checkpoint_globals()
     module.train()
-    drop_path = drop_path_for(cfg, pretrained)
-    with stochastic_depth(model.backbone, drop_path):
+    with stochastic_depth(model.backbone, cfg.drop_path):
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     model = module.model.eval()
     return FinetuneResult(model, history.rows, best.best_epoch + 1, trainer.current_epoch,
@@ -375,7 +363,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
                           stopped_unpaid=bool(must_pay and must_pay.triggered),
                           stopped_early=bool(early is not None and early.stopped),
                           shortened_to=fitted.shortened_to if fitted is not None else None,
-                          kept_weights=best.kept, mixup=mix is not None, drop_path=drop_path)
+                          kept_weights=best.kept, mixup=mix is not None, drop_path=cfg.drop_path)
 
 
 def _n_outputs(head: nn.Module) -> int:
