@@ -21,6 +21,8 @@ and the probe come first on every dataset, then the estimate check, the head run
   <budget>-single  the same with `--recipe single` (one fine-tuning recipe after the head, as before the race)
   nolimit   `transferlab train DATA` without a time limit (the race on the plan's estimate, early stopping)
 `--runs` picks the runs (e.g. `--runs 15m,15m-single`); by default every budget, the probe and the head.
+`--train-args '--drop-path 0.2' --tag dp2` passes options to every `transferlab train` run and keeps those runs
+apart as `15m~dp2` (a variant beside the default, side by side in one table).
 Results are appended to OUT/results.jsonl as they come (a run that was done is not run again) and
 printed as one markdown table. `--estimate-check` runs full Fashion-MNIST without a time limit and
 one fine-tuning epoch, and compares the plan's estimate of an epoch with the measured first epoch.
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 FM = {"fm20": (20, 20), "fm100": (100, 20), "fm1000": (1000, 200), "fmfull": (None, 600)}
@@ -113,8 +116,10 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, float, float]:
     return os.waitstatus_to_exitcode(status), time.time() - t, usage.ru_maxrss / 1024
 
 
-def measure(name: str, kind: str, data: Path, root: Path, backbone: str, extra: list[str] = (),
+def measure(name: str, kind: str, data: Path, root: Path, backbone: str, extra: Sequence[str] = (),
             tag: str = "") -> dict:
+    """One run of ``kind`` on ``name``; ``extra`` options go to ``transferlab train``, and ``tag`` names the run
+    apart (``15m~TAG``)."""
     label = f"{kind}~{tag}" if tag else kind
     run = root / "runs" / f"{name}-{label}"
     log = root / "runs" / f"{name}-{label}.log"
@@ -136,7 +141,8 @@ def measure(name: str, kind: str, data: Path, root: Path, backbone: str, extra: 
             cmd += ["--quiet", "--time-limit", budget] + (["--recipe", recipe] if recipe else [])
         cmd += list(extra)
     rc, wall, rss = run_child(cmd, log)
-    row = {"dataset": name, "run": label, "train_args": list(extra), "rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
+    row = {"dataset": name, "run": label, "train_args": list(extra), "rc": rc, "wall_s": round(wall, 1),
+           "peak_rss_mb": round(rss)}
     if rc != 0:
         row["error"] = log.read_text()[-2000:]
         return row

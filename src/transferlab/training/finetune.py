@@ -235,7 +235,7 @@ def mixes(cfg: FinetuneConfig, pretrained: bool = True) -> bool:
 
 @contextmanager
 def stochastic_depth(model: nn.Module, rate: float) -> Iterator[int]:
-    """Within the block, every residual branch of ``model`` that timm names ``drop_path`` is dropped in
+    """Inside the ``with`` block, every residual branch of ``model`` that timm names ``drop_path`` is dropped in
     training with a probability rising linearly from 0 at the first such block to ``rate`` at the last
     (timm's ``drop_path_rate``); afterwards the blocks are as they were. Yields how many blocks drop."""
     from timm.layers import DropPath
