@@ -116,11 +116,17 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, float, float]:
     return os.waitstatus_to_exitcode(status), time.time() - t, usage.ru_maxrss / 1024
 
 
+def run_label(kind: str, tag: str) -> str:
+    """The run's name in the results: ``kind``, or ``kind~TAG`` for a tagged variant (the probe trains nothing,
+    so it is never tagged)."""
+    return f"{kind}~{tag}" if tag and kind != "probe" else kind
+
+
 def measure(name: str, kind: str, data: Path, root: Path, backbone: str, extra: Sequence[str] = (),
             tag: str = "") -> dict:
     """One run of ``kind`` on ``name``; ``extra`` options go to ``transferlab train``, and ``tag`` names the run
-    apart (``15m~TAG``)."""
-    label = f"{kind}~{tag}" if tag else kind
+    apart (:func:`run_label`)."""
+    label = run_label(kind, tag)
     run = root / "runs" / f"{name}-{label}"
     log = root / "runs" / f"{name}-{label}.log"
     run.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +147,7 @@ def measure(name: str, kind: str, data: Path, root: Path, backbone: str, extra: 
             cmd += ["--quiet", "--time-limit", budget] + (["--recipe", recipe] if recipe else [])
         cmd += list(extra)
     rc, wall, rss = run_child(cmd, log)
-    row = {"dataset": name, "run": label, "train_args": list(extra), "rc": rc, "wall_s": round(wall, 1),
+    row = {"dataset": name, "run": label, "train_args": [] if kind == "probe" else list(extra), "rc": rc, "wall_s": round(wall, 1),
            "peak_rss_mb": round(rss)}
     if rc != 0:
         row["error"] = log.read_text()[-2000:]
@@ -267,12 +273,12 @@ def main() -> None:
     if extra and not tag:
         ap.error("--train-args needs a --tag, so that its runs are not taken for the default's")
     for name, kind in ([] if args.table_only else jobs):
-        label = f"{kind}~{tag}" if tag and kind != "probe" else kind
+        label = run_label(kind, tag)
         if (name, label) in done:
             continue
         data = build(name, root)
         print(f"{name} {label} ...", flush=True)
-        row = measure(name, kind, data, root, args.backbone, *((extra, tag) if kind != "probe" else ()))
+        row = measure(name, kind, data, root, args.backbone, extra, tag)
         rows = [r for r in rows if (r["dataset"], r["run"]) != (name, label)] + [row]
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
