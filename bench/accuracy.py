@@ -147,8 +147,8 @@ def measure(name: str, kind: str, data: Path, root: Path, backbone: str, extra: 
             cmd += ["--quiet", "--time-limit", budget] + (["--recipe", recipe] if recipe else [])
         cmd += list(extra)
     rc, wall, rss = run_child(cmd, log)
-    row = {"dataset": name, "run": label, "train_args": [] if kind == "probe" else list(extra), "rc": rc, "wall_s": round(wall, 1),
-           "peak_rss_mb": round(rss)}
+    row = {"dataset": name, "run": label, "train_args": [] if kind == "probe" else list(extra), "rc": rc,
+           "wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
     if rc != 0:
         row["error"] = log.read_text()[-2000:]
         return row
