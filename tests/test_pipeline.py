@@ -270,8 +270,8 @@ def test_each_train_default_is_written_once():
     d = TrainConfig()
     train_cmd = typer.main.get_command(app).commands["train"]
     checked = 0
-    spelled_differently = ("head", "time_limit", "allow_download", "candidates")  # "1024,1024", "15m", a flag
-    # for True/None, "recipe,orient"
+    # "1024,1024", "1,3,5", "15m", a flag for True/None, "recipe,orient"
+    spelled_differently = ("head", "top_k", "time_limit", "allow_download", "candidates")
     for p in train_cmd.params:
         if isinstance(p, typer.core.TyperOption) and hasattr(d, p.name) and p.name not in spelled_differently:
             assert p.default == getattr(d, p.name), p.name
@@ -319,6 +319,98 @@ def test_config_file_sets_options_and_flags_win(tmp_path, monkeypatch, capsys):
     assert main(["train", str(tmp_path), "--config", str(yaml), "-q"]) == 2
     said = capsys.readouterr().err
     assert "expected a .toml or .json file" in said and "cannot read it" not in said
+
+
+#: Every TrainConfig field: a value a --config file sets, the flag that overrides it, and the value it gives.
+FLAG_WINS = {
+    "backbone": ("efficientnet_lite1", ["--backbone", "efficientnet_lite2"], "efficientnet_lite2"),
+    "mode": ("head", ["--mode", "knn"], "knn"),
+    "pretrained": (True, ["--no-pretrained"], False),
+    "weights": ("a.safetensors", ["--weights", "b.safetensors"], "b.safetensors"),
+    "allow_download": (None, ["--allow-download"], True),
+    "cut_stage": (2, ["--cut-stage", "3"], 3),
+    "image_size": (160, ["--image-size", "96"], 96),
+    "head": ([64], ["--head", "32,16"], (32, 16)),
+    "dropout": (0.1, ["--dropout", "0.2"], 0.2),
+    "epochs": (7, ["--epochs", "9"], 9),
+    "lr": (0.01, ["--lr", "0.02"], 0.02),
+    "weight_decay": (0.01, ["--weight-decay", "0.02"], 0.02),
+    "batch_size": (16, ["--batch-size", "8"], 8),
+    "patience": (4, ["--patience", "5"], 5),
+    "label_smoothing": (0.05, ["--label-smoothing", "0.2"], 0.2),
+    "balance": ("weights", ["--balance", "sampler"], "sampler"),
+    "aug_views": (1, ["--aug-views", "2"], 2),
+    "ft_epochs": (3, ["--ft-epochs", "4"], 4),
+    "ft_lr": (0.002, ["--ft-lr", "0.003"], 0.003),
+    "ft_batch_size": (8, ["--ft-batch-size", "4"], 4),
+    "ft_patience": (5, ["--ft-patience", "6"], 6),
+    "ft_label_smoothing": (0.0, ["--ft-label-smoothing", "0.2"], 0.2),
+    "ft_mixup": ("on", ["--mixup", "off"], "off"),
+    "ft_drop_path": (0.1, ["--drop-path", "0.2"], 0.2),
+    "freeze_epochs": (2, ["--freeze-epochs", "3"], 3),
+    "unfreeze": ("2", ["--unfreeze", "3"], "3"),
+    "frozen_stride": (8, ["--frozen-stride", "0"], 0),
+    "augment": ("strong", ["--augment", "orient"], "orient"),
+    "grad_clip": (2.0, ["--grad-clip", "0"], None),
+    "time_limit": ("2m", ["--time-limit", "90s"], 90.0),
+    "accelerator": ("gpu", ["--accelerator", "cpu"], "cpu"),
+    "devices": (2, ["--devices", "3"], 3),
+    "strategy": ("ddp", ["--strategy", "fsdp"], "fsdp"),
+    "num_nodes": (2, ["--num-nodes", "3"], 3),
+    "seed": (3, ["--seed", "9"], 9),
+    "val": (0.2, ["--val", "0.25"], 0.25),
+    "test": (0.2, ["--test", "0.25"], 0.25),
+    "cache_dir": ("a", ["--cache-dir", "b"], "b"),
+    "no_cache": (False, ["--no-cache"], True),
+    "workers": (1, ["--workers", "0"], 0),
+    "device": ("cuda", ["--device", "cpu"], "cpu"),
+    "mixed_precision": (True, ["--no-amp"], False),
+    "quiet": (False, ["-q"], True),
+    "top_k": ([1, 2], ["--top-k", "1,4"], (1, 4)),
+    "dedupe": (False, ["--dedupe"], True),
+    "diagnose": (True, ["--no-diagnose"], False),
+    "task": ("single", ["--task", "multilabel"], "multilabel"),
+    "recipe": ("race", ["--recipe", "single"], "single"),
+    "candidates": (["orient"], ["--candidates", "recipe,bn-adapt"], ("recipe", "bn-adapt")),
+}
+
+
+def _train_sees(argv: list[str], monkeypatch) -> dict:
+    """The options ``transferlab train ARGV`` hands to the library (which is stopped there)."""
+    from transferlab import pipeline
+    from transferlab.cli import main
+
+    seen: dict = {}
+
+    def fake_train(data, out, **options):
+        seen.update(options)
+        raise pipeline.ConfigError("stop here")
+
+    monkeypatch.setattr(pipeline, "train", fake_train)
+    assert main(["train", *argv]) == 2
+    return seen
+
+
+def test_every_option_is_a_flag_and_flags_win_over_a_config_file(tmp_path, monkeypatch):
+    """Each TrainConfig field is set by a --config file, and its flag, given too, wins (the flags of
+    renamed fields, --mixup and --drop-path, once lost to the file)."""
+    import json as json_
+    from dataclasses import fields
+
+    from transferlab.config import TrainConfig
+
+    assert set(FLAG_WINS) == {f.name for f in fields(TrainConfig)}
+    config = tmp_path / "options.json"
+    config.write_text(json_.dumps({name: file_value for name, (file_value, _, _) in FLAG_WINS.items()}))
+    from_file = _train_sees([str(tmp_path), "--config", str(config)], monkeypatch)
+    expected_file = {n: (tuple(v) if isinstance(v, list) else v) for n, (v, _, _) in FLAG_WINS.items()}
+    expected_file["time_limit"] = 120.0
+    assert {n: from_file[n] for n in FLAG_WINS} == expected_file
+    for name, (_, flag, wins) in FLAG_WINS.items():
+        seen = _train_sees([str(tmp_path), "--config", str(config), *flag], monkeypatch)
+        assert seen[name] == wins, (name, flag, seen[name])
+        others = {n: seen[n] for n in FLAG_WINS if n != name and not (name == "quiet" and n == "quiet")}
+        assert others == {n: v for n, v in expected_file.items() if n in others}, name
 
 
 def test_a_usage_error_is_a_message_not_a_traceback(capsys):

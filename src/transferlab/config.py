@@ -19,17 +19,15 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "DEFAULT_BACKBONE", "MODES", "BALANCE", "RECIPES", "CANDIDATE_NAMES", "read_config_file",
+__all__ = ["TrainConfig", "DEFAULT_BACKBONE", "MODES", "BALANCE", "RECIPE_CHOICES", "read_config_file",
            "config_from_dict", "duration_seconds"]
 
 #: The backbone every command uses unless told otherwise (weights bundled offline).
 DEFAULT_BACKBONE = "efficientnet_lite0"
 MODES = ("head", "finetune", "auto", "knn")
 BALANCE = ("none", "weights", "sampler")
-RECIPES = ("race", "single")
+RECIPE_CHOICES = ("race", "single")
 MIXUP_CHOICES = ("auto", "on", "off")
-#: The training recipes a race may try (described in transferlab.strategy).
-CANDIDATE_NAMES = ("recipe", "bn-adapt", "orient", "transfer", "scratch")
 
 
 @dataclass
@@ -115,17 +113,18 @@ class TrainConfig:
         """Check values; raises :class:`ConfigError` quoting the bad value."""
         from .data.scan import TASKS
         from .data.transforms import AUGMENT_PRESETS
+        from .training.recipes import recipe_names
 
         if self.task not in TASKS:
             raise ConfigError(f"task {self.task!r}: expected one of {', '.join(TASKS)}.")
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}.")
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"recipe {self.recipe!r}: expected one of {', '.join(RECIPES)}.")
-        unknown = sorted(set(self.candidates) - set(CANDIDATE_NAMES))
+        if self.recipe not in RECIPE_CHOICES:
+            raise ConfigError(f"recipe {self.recipe!r}: expected one of {', '.join(RECIPE_CHOICES)}.")
+        unknown = sorted(set(self.candidates) - set(recipe_names()))
         if unknown:
             raise ConfigError(f"candidates {', '.join(map(repr, unknown))}: expected some of "
-                              f"{', '.join(CANDIDATE_NAMES)}.")
+                              f"{', '.join(recipe_names())} (the registered recipes).")
         if self.balance not in BALANCE:
             raise ConfigError(f"balance {self.balance!r}: expected one of {', '.join(BALANCE)}.")
         if self.ft_mixup not in MIXUP_CHOICES:

@@ -48,7 +48,7 @@ from .strategy import budget_record, decision_record, portfolio, run_strategy, s
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
 from .training.plan import Plan
-from .training.race import Candidate
+from .training.recipes import Recipe
 from .training.head import HeadConfig, HeadResult, balanced_class_weights, fit_head, fit_probe
 from .training.multilabel import label_matrix
 from .training.openset import fit_knn_distance
@@ -364,7 +364,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
                    notes, plan)
 
 
-def _cheapest(candidates: list[Candidate] | None, plan: Plan, pretrained: bool) -> tuple[list[Candidate] | None,
+def _cheapest(candidates: list[Recipe] | None, plan: Plan, pretrained: bool) -> tuple[list[Recipe] | None,
                                                                                             Plan, bool]:
     """What trains when the plan leaves no fine-tuning and no head was trained (a run never ends with an
     untrained network): the scratch CNN alone when the race has it (its epochs come from its own, far lower,

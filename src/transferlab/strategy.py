@@ -2,27 +2,12 @@
 
 A practitioner with fifteen minutes tries the few things that usually work, looks at validation early,
 drops what does not pay and spends the rest on the winner. :func:`portfolio` proposes the candidates
-from the data (its resolution and size) and the backbone; :func:`run_strategy` races them with
-successive halving (:mod:`transferlab.training.race`) and trains the survivor with the rest of the
-budget. With a time limit the survivor's one-cycle schedule fills the budget and runs to its end (shortened
-when the measured pace says it would not fit, grown back toward its plan when it fits again) and its final
-weights are kept (a cut schedule keeps its best validated ones); without one, early stopping on
-validation (counted from the schedule's peak) ends it once it converges, and its best validated weights
-are kept. A fine-tuning that never beats the head it started from leaves the head in place.
-
-Candidates (``--candidates``):
-  recipe     fastai's ``fine_tune`` from the trained head: discriminative rates, EMA, BatchNorm statistics kept
-  bn-adapt   the same with BatchNorm statistics adapted to the data (train mode): for images unlike ImageNet
-  orient     the recipe with flips on both axes and quarter turns (pictures with no up: cells, aerial views)
-  transfer   fine-tuning from a new head (no frozen-feature head first: its extraction would cost too much)
-  scratch    ``simple_cnn`` from scratch at the images' own resolution, in bf16 where the CPU has it
-By default ``recipe`` alone trains after the head (a race of one: the survivor gets the whole budget), and
-for small images in large numbers (at most 64 px, at least 10,000 training images) ``transfer`` races
-``scratch``, with no head: extracting every image at an ImageNet resolution there costs a large share of
-the budget, and a compact CNN at 28 px runs an epoch of 54,000 images in about 40 s on a 2-core CPU.
-``bn-adapt`` was in the default race until its rungs were measured to cost more than they return: at 5
-minutes ``recipe`` alone scored 0.9963 / 0.8640 / 0.8089 / 1.0 on digits / fm100 / fm20 / lfw, against
-0.9814 / 0.8381 / 0.8015 / 1.0 for recipe against bn-adapt (BENCHMARKS.md).
+(recipes of :mod:`transferlab.training.recipes`) from the data's resolution and size and the backbone;
+:func:`run_strategy` races them with successive halving (:mod:`transferlab.training.race`) and trains the
+survivor with the rest of the budget. With a time limit the survivor's one-cycle schedule fills the budget
+and runs to its end, keeping its final weights; without one, early stopping on validation ends it and its
+best validated weights are kept. A fine-tuning that never beats the head it started from leaves the head
+in place. Why these defaults: BENCHMARKS.md, "The race of training recipes".
 """
 
 from __future__ import annotations
@@ -41,42 +26,33 @@ from .events import emit
 from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune, precision_for
 from .training.plan import Plan, measure_costs, sample_paths
-from .training.race import RACE_SHARE, Candidate, Race, RungResult, rung_sizes, slice_seconds, successive_halving
+from .training.race import RACE_SHARE, Race, RungResult, rung_sizes, slice_seconds, successive_halving
+from .training.recipes import Recipe, get_recipe
 
-__all__ = ["CANDIDATES", "portfolio", "skips_head", "run_strategy", "with_race_estimate", "StrategyOutcome",
+__all__ = ["portfolio", "skips_head", "run_strategy", "with_race_estimate", "StrategyOutcome",
            "budget_record", "decision_record", "SCRATCH_MAX_SIDE",
            "SCRATCH_MIN_IMAGES"]
 
 log = logging.getLogger("transferlab")
 
-CANDIDATES: dict[str, str] = {
-    "recipe": "fine-tune from the head: discriminative rates, EMA, BatchNorm statistics frozen",
-    "bn-adapt": "fine-tune from the head with BatchNorm statistics adapted to the data",
-    "orient": "fine-tune from the head with flips on both axes and quarter turns",
-    "transfer": "fine-tune the pretrained network from a new head",
-    "scratch": "a compact CNN (simple_cnn) from scratch at the images' own resolution",
-}
 #: The scratch CNN is a candidate for images at most this many pixels on their shorter side ...
 SCRATCH_MAX_SIDE = 64
 #: ... and at least this many training images.
 SCRATCH_MIN_IMAGES = 10_000
-#: The scratch CNN's learning rate (AdamW, one-cycle peak) and batch size.
-SCRATCH_LR = 3e-3
-SCRATCH_BATCH = 128
 #: The survivor's schedule with a time limit fills the time left, up to this many epochs ...
 MAX_SURVIVOR_EPOCHS = 40
 #: ... or this share of it (the rest absorbs estimation error; the deadline cuts a schedule that overruns).
 SURVIVOR_FILL = 0.9
-#: Early stopping's patience that never runs out (the rungs', and the survivor's under a time limit).
-NO_PATIENCE = 10_000
 #: Seconds a rung spends starting (the Trainer, the loaders' workers, the first batches): the digits at 224 px
 #: validated a rung's first 7 steps 21 s after its start, about 10 s more than the steps and the pass cost.
 RUNG_START_S = 10.0
 
 
-def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = ()) -> list[Candidate]:
-    """The candidates to race: ``names`` if given, else chosen from the images' shorter side ``native``,
-    the number of training images and whether the backbone is pretrained (see the module docstring)."""
+def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = ()) -> list[Recipe]:
+    """The recipes to race: ``names`` if given, else chosen from the images' shorter side ``native``, the
+    number of training images and whether the backbone is pretrained: ``recipe`` alone after the head; for
+    small images in large numbers ``transfer`` against ``scratch`` (extracting them all at an ImageNet
+    resolution would cost a large share of the budget); ``transfer`` alone from random weights."""
     if not names:
         if not pretrained:
             names = ("transfer",)  # the user's own backbone from random weights: nothing to race it against
@@ -84,12 +60,12 @@ def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequenc
             names = ("transfer", "scratch")
         else:
             names = ("recipe",)
-    return [Candidate(n, CANDIDATES[n]) for n in dict.fromkeys(names)]
+    return [get_recipe(n) for n in dict.fromkeys(names)]
 
 
-def skips_head(candidates: Sequence[Candidate]) -> bool:
+def skips_head(candidates: Sequence[Recipe]) -> bool:
     """True when no candidate starts from the frozen-feature head, so the head phase is not run."""
-    return all(c.name in ("transfer", "scratch") for c in candidates)
+    return not any(c.from_head for c in candidates)
 
 
 @dataclass
@@ -116,10 +92,10 @@ class _Context:
     epoch_s: dict[str, float] = field(default_factory=dict)
 
 
-def _epoch_seconds(c: Candidate, ctx: _Context) -> float:
-    """Estimated seconds of one training epoch of ``c`` (with its validation): the plan's for the
-    pretrained network; measured on the scratch CNN at its size, in its precision."""
-    if c.name != "scratch":
+def _epoch_seconds(c: Recipe, ctx: _Context) -> float:
+    """Estimated seconds of one training epoch of ``c`` (with its validation): the plan's for the run's
+    network; measured on a recipe's own network at its size, in its precision."""
+    if c.backbone is None:
         return ctx.plan.estimate.get("finetune_epoch", 0.0)
     if c.name not in ctx.epoch_s:
         model, info, cfg, _ = _start(c, ctx, ctx.base)
@@ -132,37 +108,30 @@ def _epoch_seconds(c: Candidate, ctx: _Context) -> float:
     return ctx.epoch_s[c.name]
 
 
-def _start(c: Candidate, ctx: _Context, base: FinetuneConfig) -> tuple[Classifier, BackboneInfo, FinetuneConfig,
-                                                                        bool]:
-    """A fresh copy of the candidate's starting network, its options (``base`` with what the candidate
-    changes) and whether it is pretrained."""
-    if c.name == "scratch":
-        size = max(16, int(ctx.native or 32))
-        backbone, info = create_backbone("simple_cnn", pretrained=False, image_size=size)
-        model = Classifier(backbone, build_head(info.num_features, ctx.n_classes), info.preprocessing)
-        cfg = replace(base, lr=SCRATCH_LR, head_lr=SCRATCH_LR, batch_size=SCRATCH_BATCH, freeze_epochs=0,
-                      augment="light", cpu_bf16=True, initial_val_loss=None)
-        return model, info, cfg, False
-    model = copy.deepcopy(ctx.model)
-    if c.name == "transfer" or not ctx.head_trained:
-        cfg = replace(base, freeze_epochs=0, head_lr=2 * base.lr, initial_val_loss=None)
+def _start(c: Recipe, ctx: _Context, base: FinetuneConfig) -> tuple[Classifier, BackboneInfo, FinetuneConfig,
+                                                                     bool]:
+    """A fresh copy of the recipe's starting network, its options (``base`` with what the recipe changes)
+    and whether it is pretrained. A recipe with a network of its own trains it from scratch at the images'
+    own size; one that does not start from a trained head trains a new one from the first step."""
+    if c.backbone is not None:
+        backbone, info = create_backbone(c.backbone, pretrained=False, image_size=max(16, int(ctx.native or 32)))
+        model, pretrained = Classifier(backbone, build_head(info.num_features, ctx.n_classes), info.preprocessing), False
     else:
-        cfg = base
-    if c.name == "bn-adapt":
-        cfg = replace(cfg, train_bn=True)
-    elif c.name == "orient":
-        cfg = replace(cfg, augment="orient")
-    return model, ctx.info, cfg, ctx.info.pretrained
+        model, info, pretrained = copy.deepcopy(ctx.model), ctx.info, ctx.info.pretrained
+    cfg = base
+    if not (c.from_head and ctx.head_trained) or c.backbone is not None:
+        cfg = replace(cfg, freeze_epochs=0, head_lr=2 * base.lr, initial_val_loss=None)
+    return model, info, replace(cfg, **c.options), pretrained
 
 
-def _fit(c: Candidate, ctx: _Context, base: FinetuneConfig, run_dir: Path, history: History,
+def _fit(c: Recipe, ctx: _Context, base: FinetuneConfig, run_dir: Path, history: History,
          resume: bool = False) -> tuple[FinetuneResult, BackboneInfo]:
     model, info, cfg, pretrained = _start(c, ctx, base)
     ft = fit_finetune(model, *ctx.train, *ctx.val, cfg, run_dir, history, resume=resume, pretrained=pretrained)
     return ft, info
 
 
-def _rung(c: Candidate, ctx: _Context, seconds: float, rung: int) -> RungResult:
+def _rung(c: Recipe, ctx: _Context, seconds: float, rung: int) -> RungResult:
     """One slice of ``seconds`` for ``c``: a short one-cycle schedule planned for the slice, validated at
     least twice; with a time limit a deadline ends it at the slice's end, without one its epochs do (never
     more than the run's planned epochs). Its checkpoints are removed afterwards."""
@@ -175,7 +144,7 @@ def _rung(c: Candidate, ctx: _Context, seconds: float, rung: int) -> RungResult:
     val_every = epochs / 2 if epochs < 2 else 1.0
     deadline = min(time.time() + seconds, ctx.base.deadline) if ctx.base.deadline else None
     cfg = replace(ctx.base, epochs=epochs, deadline=deadline, val_every=val_every, discard_after_s=None,
-                  patience=NO_PATIENCE, reserve_s=0.0, initial_val_loss=None, quiet=True)
+                  patience=None, reserve_s=0.0, initial_val_loss=None, quiet=True)
     folder = ctx.run / "race" / f"{c.name}-rung{rung + 1}"
     emit("race", candidate=c.name, rung=rung + 1, slice_s=round(seconds, 1), state="start")
     t0 = time.perf_counter()
@@ -214,7 +183,7 @@ def _survivor_epochs(ctx: _Context, race: Race, epoch_s: float) -> tuple[float, 
     return epochs, f"{epochs:g} epochs to fill the {left:.0f}s left (about {epoch_s:.0f}s an epoch, {fixed:.0f}s to start)"
 
 
-def with_race_estimate(plan: Plan, candidates: Sequence[Candidate]) -> Plan:
+def with_race_estimate(plan: Plan, candidates: Sequence[Recipe]) -> Plan:
     """The plan with the race's seconds in its estimate and a line saying what races (a limit bounds the
     race and the survivor together; without one the race adds its share of the fine-tuning estimate)."""
     names = " against ".join(c.name for c in candidates)
@@ -230,7 +199,7 @@ def with_race_estimate(plan: Plan, candidates: Sequence[Candidate]) -> Plan:
     return replace(plan, estimate=est, reasons=[*plan.reasons, line])
 
 
-def run_strategy(candidates: Sequence[Candidate], model: Classifier, info: BackboneInfo, base: FinetuneConfig,
+def run_strategy(candidates: Sequence[Recipe], model: Classifier, info: BackboneInfo, base: FinetuneConfig,
                  plan: Plan, *, native: int | None, train: tuple[list[str], list[int]],
                  val: tuple[list[str], list[int]], run: Path, history: History, n_classes: int,
                  head_trained: bool, resume: bool = False, winner: str | None = None,
@@ -268,7 +237,7 @@ def run_strategy(candidates: Sequence[Candidate], model: Classifier, info: Backb
     # and keeps its final weights (a scratch CNN's 40-epoch schedule was early-stopped at 90% of its peak rate
     # on a noisy validation loss; fm100's best validation, at 4 of 16 epochs, lost 2 points of test accuracy
     # to its final weights). Without one, early stopping (from the peak) is the only stop, and keeps the best.
-    cfg = replace(base, epochs=epochs, discard_after_s=None, patience=NO_PATIENCE if base.deadline else base.patience,
+    cfg = replace(base, epochs=epochs, discard_after_s=None, patience=None if base.deadline else base.patience,
                   keep_final=bool(base.deadline))
     history.phase = "finetune"
     t0 = time.perf_counter()

@@ -259,20 +259,21 @@ def test_finetuning_without_validation_images_selects_on_the_training_loss(digit
 
 def test_early_stopping_counts_from_the_peak_of_the_rate():
     """Validation loss that rises while the rate warms up does not stop a fine-tuning: AnnealingStop ignores
-    the validations before its start step (they neither count nor set the best); after it, patience runs
+    the validations before the schedule's peak (they neither count nor set the best); after it, patience runs
     out on three validations without gain, as Lightning's EarlyStopping would from the start."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
     from transferlab.training.callbacks import AnnealingStop
+    from transferlab.training.module import WarmupCosine
 
     losses = [1.0, 2.0, 3.0, 4.0, 3.9, 3.8, 3.9, 3.9, 3.9] + [3.9] * 10  # warm-up, annealing, a plateau
 
     class Scripted(L.LightningModule):
-        def __init__(self) -> None:
+        def __init__(self, warmup: int) -> None:
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
-            self.passes = 0
+            self.passes, self.warmup = 0, warmup
 
         def training_step(self, batch, _):
             return (self.w * batch[0]).sum()
@@ -284,21 +285,23 @@ def test_early_stopping_counts_from_the_peak_of_the_rate():
             self.passes += 1
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.0)
+            opt = torch.optim.SGD(self.parameters(), lr=0.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(len(losses), self.warmup))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def epochs(stop) -> int:
+    def epochs(stop, warmup: int = 4) -> int:
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)), batch_size=1)
         trainer = L.Trainer(max_epochs=len(losses), callbacks=[stop], logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                             accelerator="cpu", devices=1)
-        trainer.fit(Scripted(), data, data)
+        trainer.fit(Scripted(warmup), data, data)
         return trainer.current_epoch
 
     assert epochs(EarlyStopping("val_cal_loss", patience=3)) == 4  # stopped at the peak of the warm-up
-    annealing = AnnealingStop("val_cal_loss", patience=3, start_step=4)  # one step an epoch: the 4th on
+    annealing = AnnealingStop("val_cal_loss", patience=3)  # one step an epoch: counts from the 4th on
     assert epochs(annealing) == 9 and annealing.stopped  # best 3.8 (6th), then 3 passes without gain
-    never = AnnealingStop("val_cal_loss", patience=3, start_step=10_000)
-    assert epochs(never) == len(losses) and not never.stopped
+    never = AnnealingStop("val_cal_loss", patience=3)  # the peak at the last step: only the last pass counts
+    assert epochs(never, warmup=len(losses) - 1) == len(losses) and not never.stopped
 
 
 def _fit_on_a_fake_clock(anneal: bool, module=None, deadline_s: float = 55.0, step_s=lambda step: 10.0):

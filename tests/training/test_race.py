@@ -8,12 +8,13 @@ import json
 import pytest
 
 from transferlab.strategy import budget_record, portfolio, skips_head
-from transferlab.training.race import (RACE_SHARE, Candidate, RungResult, projected_error, slice_seconds,
+from transferlab.training.recipes import Recipe
+from transferlab.training.race import (RACE_SHARE, RungResult, projected_error, slice_seconds,
                                       successive_halving)
 
 
-def _cands(*names: str) -> list[Candidate]:
-    return [Candidate(n, f"the {n} recipe") for n in names]
+def _cands(*names: str) -> list[Recipe]:
+    return [Recipe(n, f"the {n} recipe") for n in names]
 
 
 def test_successive_halving_keeps_the_better_half_and_doubles_the_slice():
@@ -80,12 +81,21 @@ def test_slice_shares_the_race_budget_over_every_rung():
     assert slice_seconds(1, 300.0) == 0.0
 
 
-def test_candidate_names_are_one_list():
-    from transferlab.config import CANDIDATE_NAMES, TrainConfig
+def test_the_registry_is_the_one_list_of_recipes(monkeypatch):
+    from transferlab.config import TrainConfig
     from transferlab.errors import ConfigError
-    from transferlab.strategy import CANDIDATES
+    from transferlab.training import recipes
 
-    assert tuple(CANDIDATES) == CANDIDATE_NAMES
+    assert recipes.recipe_names() == ("recipe", "bn-adapt", "orient", "transfer", "scratch")
+    assert [r.name for r in recipes.RECIPES.values() if not r.from_head] == ["transfer", "scratch"]
+    monkeypatch.setattr(recipes, "RECIPES", dict(recipes.RECIPES))
+    recipes.register_recipe(Recipe("low-lr", "the recipe at a tenth of the rate", options={"lr": 1e-4}))
+    TrainConfig(candidates=("low-lr",)).validate()  # a registered recipe is a valid candidate at once
+    assert [c.name for c in portfolio(None, 10, True, ("low-lr",))] == ["low-lr"]
+    with pytest.raises(ValueError, match="already registered"):
+        recipes.register_recipe(Recipe("recipe", "again"))
+    with pytest.raises(TypeError):
+        recipes.get_recipe("low-lr").options["lr"] = 1.0  # a recipe is data: its options cannot change
     with pytest.raises(ConfigError, match="'finetun'"):
         TrainConfig(candidates=("finetun",)).validate()
     with pytest.raises(ConfigError, match="'best'"):
@@ -125,15 +135,26 @@ def test_the_budget_says_why_the_run_ended_where_it_did():
 
 
 def test_a_race_on_tiny_data_records_every_candidate(digits_dir, tmp_path, monkeypatch):
+    """Three recipes raced end to end, one of them registered here in one line: each trains with its own
+    options, and the race is recorded in metrics.json, plan.json, config.json and the report."""
     import transferlab.strategy as strategy
     from transferlab.pipeline import train
+    from transferlab.training import recipes
 
+    monkeypatch.setattr(recipes, "RECIPES", dict(recipes.RECIPES))
+    recipes.register_recipe(Recipe("turns-slow", "quarter turns at half the rate",
+                                   options={"augment": "orient", "lr": 5e-4}))
+    fits = []
+    fit = strategy.fit_finetune
+    monkeypatch.setattr(strategy, "fit_finetune", lambda model, *a, **k: fits.append(a[4]) or fit(model, *a, **k))
     # every rung trains the run's whole (one-epoch) schedule: the race does not depend on this machine's speed
     monkeypatch.setattr(strategy, "slice_seconds", lambda n, budget: 1e6)
     res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=1, image_size=64, workers=0, quiet=True,
-                diagnose=False, candidates=("recipe", "bn-adapt", "orient"))
+                diagnose=False, candidates=("recipe", "bn-adapt", "turns-slow"))
+    assert [(f.augment, f.lr, f.train_bn) for f in fits[:3]] == [("light", 1e-3, False), ("light", 1e-3, True),
+                                                                ("orient", 5e-4, False)]
     race = res.metrics["strategy"]
-    assert [c["name"] for c in race["candidates"]] == ["recipe", "bn-adapt", "orient"]
+    assert [c["name"] for c in race["candidates"]] == ["recipe", "bn-adapt", "turns-slow"]
     assert all(c["rungs"] and c["rungs"][0]["validations"] for c in race["candidates"])
     assert sorted(len(c["rungs"]) for c in race["candidates"]) == [1, 2, 2]  # 3 -> 2 -> 1
     assert sorted(c["status"] for c in race["candidates"]) == ["dropped after rung 1", "dropped after rung 2",

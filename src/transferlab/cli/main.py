@@ -11,6 +11,7 @@ from rich.markup import escape as esc
 from rich.table import Table
 
 from ..config import TrainConfig, duration_seconds, read_config_file
+from ..training.recipes import recipe_names
 from ..errors import ConfigError, TransferlabError
 from .common import csv_ints, err, out, print_json, process_started_at, setup_logging, whole_names
 from .data_commands import cache_app, data_app
@@ -112,6 +113,28 @@ def parse_duration(text: Optional[str]) -> Optional[float]:
         raise typer.BadParameter(str(exc)) from None
 
 
+#: How a train option's command-line value becomes its TrainConfig field's (the rest are taken as they are).
+_FROM_FLAG = {
+    "head": csv_ints, "top_k": csv_ints, "time_limit": lambda v: parse_duration(v),
+    "candidates": lambda v: tuple(c.strip() for c in v.split(",") if c.strip()) if v else (),
+    "grad_clip": lambda v: v or None, "allow_download": lambda v: v or None,
+    "weights": lambda v: str(v) if v else None, "cache_dir": lambda v: str(v) if v else None,
+}
+#: The train command's parameters that are not TrainConfig fields.
+_RUN_PARAMS = ("data", "out_dir", "resume", "overwrite", "config_file", "as_json")
+
+
+def _train_options(ctx: typer.Context, file_options: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """The run's TrainConfig fields from the flags (each parameter is named after its field), with the
+    ``--config`` file's values wherever the flag was not given; and the names of the flags given."""
+    # typer may bring its own copy of click, so the parameter source is compared by name
+    given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"}
+    options = {name: _FROM_FLAG.get(name, lambda v: v)(value) for name, value in ctx.params.items()
+               if name not in _RUN_PARAMS}
+    options.update({k: v for k, v in file_options.items() if k not in given})
+    return options, given
+
+
 @app.command("train")
 def train_cmd(
     ctx: typer.Context,
@@ -137,6 +160,8 @@ def train_cmd(
     ft_lr: float = typer.Option(_D.ft_lr, "--ft-lr", help="Fine-tuning rate of the head and the top stage; the stem gets 1/100 of it."),
     ft_batch_size: int = typer.Option(_D.ft_batch_size, "--ft-batch-size"),
     ft_patience: int = typer.Option(_D.ft_patience, "--ft-patience"),
+    ft_label_smoothing: float = typer.Option(_D.ft_label_smoothing, "--ft-label-smoothing",
+                                             help="Fine-tuning's label smoothing (single-label)."),
     freeze_epochs: int = typer.Option(_D.freeze_epochs, "--freeze-epochs", help="Frozen-backbone epochs when fine-tuning without a head phase."),
     unfreeze: str = typer.Option(_D.unfreeze, "--unfreeze", help="'all' or the number of top stages to train."),
     frozen_stride: int = typer.Option(_D.frozen_stride, "--frozen-stride", help="Pretrained stages at this output stride or "
@@ -148,18 +173,17 @@ def train_cmd(
                                     "of the budget; single: the one fine-tuning recipe."),
     candidates: Optional[str] = typer.Option(None, "--candidates",
                                              help="Recipes to race, comma-separated (default: chosen from the data): "
-                                                  "recipe, bn-adapt, orient, transfer, scratch."),
-    mixup: str = typer.Option(_D.ft_mixup, "--mixup",
-                              help="auto, on or off: MixUp and CutMix in fine-tuning (auto: on for a pretrained "
-                                   "network's schedule of 5 epochs or more)."),
-    drop_path: float = typer.Option(_D.ft_drop_path, "--drop-path",
-                                    help="Stochastic depth in fine-tuning: the rate at the deepest residual block, "
-                                         "rising linearly from 0 at the first (timm's rule)."),
+                                                  f"{', '.join(recipe_names())}."),
+    ft_mixup: str = typer.Option(_D.ft_mixup, "--mixup",
+                                 help="auto, on or off: MixUp and CutMix in fine-tuning (auto: on for a pretrained "
+                                      "network's schedule of 5 epochs or more)."),
+    ft_drop_path: float = typer.Option(_D.ft_drop_path, "--drop-path",
+                                       help="Stochastic depth in fine-tuning: the rate at the deepest residual block, "
+                                            "rising linearly from 0 at the first (timm's rule)."),
     aug_views: int = typer.Option(_D.aug_views, "--aug-views", help="Head mode: cache K augmented views per training image."),
     balance: str = typer.Option(_D.balance, "--balance", help="none, weights (loss weighted by inverse class "
                                 "frequency) or sampler (classes drawn evenly)."),
-    label_smoothing: float = typer.Option(_D.label_smoothing, "--label-smoothing",
-                                         help=f"Head phase; fine-tuning uses {_D.ft_label_smoothing}."),
+    label_smoothing: float = typer.Option(_D.label_smoothing, "--label-smoothing", help="Head phase."),
     weight_decay: float = typer.Option(_D.weight_decay, "--weight-decay"),
     grad_clip: float = typer.Option(_D.grad_clip or 0.0, "--grad-clip", help="Gradient norm clip in fine-tuning (0: off)."),
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help="e.g. 15m: stop in time, best model saved."),
@@ -168,55 +192,40 @@ def train_cmd(
     test: float = typer.Option(_D.test, "--test", help="Test fraction when not pre-split."),
     cut_stage: Optional[int] = typer.Option(None, "--cut-stage", help="Keep only the first N backbone stages."),
     image_size: Optional[int] = typer.Option(None, "--image-size"),
-    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init instead of ImageNet weights."),
+    pretrained: bool = typer.Option(_D.pretrained, "--pretrained/--no-pretrained",
+                                    help="ImageNet weights, or random init."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Explicit pretrained weights file."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Allow fetching weights from the hub."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir"),
-    no_cache: bool = typer.Option(False, "--no-cache"),
+    no_cache: bool = typer.Option(_D.no_cache, "--no-cache"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (inference)."),
     accelerator: str = typer.Option(_D.accelerator, "--accelerator", help="Lightning accelerator for fine-tuning."),
     devices: int = typer.Option(_D.devices, "--devices", help="Devices (or CPU processes) for fine-tuning."),
     strategy: str = typer.Option(_D.strategy, "--strategy", help="Lightning strategy, e.g. ddp."),
     num_nodes: int = typer.Option(_D.num_nodes, "--num-nodes"),
-    no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision (bf16 on CPU, AMP on CUDA)."),
-    dedupe: bool = typer.Option(False, "--dedupe", help="Remove exact duplicates across splits from val/test."),
+    mixed_precision: bool = typer.Option(_D.mixed_precision, "--amp/--no-amp",
+                                         help="Mixed precision (bf16 on CPU, AMP on CUDA)."),
+    top_k: str = typer.Option(",".join(map(str, _D.top_k)), "--top-k", help="Top-k accuracies to report, e.g. 1,3,5."),
+    dedupe: bool = typer.Option(_D.dedupe, "--dedupe", help="Remove exact duplicates across splits from val/test."),
     diagnose: bool = typer.Option(_D.diagnose, "--diagnose/--no-diagnose",
                                   help="Label issues and learning curve of the training split (<= 5,000 images)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(_D.quiet, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train a classifier: split, extract/cache features, train, fine-tune, evaluate, save."""
     from ..pipeline import train
 
     setup_logging(quiet)
-    options = dict(backbone=backbone, mode=mode, head=csv_ints(head), dropout=dropout, epochs=epochs,
-                   lr=lr, batch_size=batch_size, patience=patience, ft_epochs=ft_epochs, ft_lr=ft_lr,
-                   ft_batch_size=ft_batch_size, ft_patience=ft_patience, freeze_epochs=freeze_epochs,
-                   unfreeze=unfreeze, frozen_stride=frozen_stride, augment=augment, ft_mixup=mixup,
-                   ft_drop_path=drop_path, aug_views=aug_views, balance=balance,
-                   label_smoothing=label_smoothing, weight_decay=weight_decay,
-                   grad_clip=grad_clip or None, time_limit=parse_duration(time_limit), seed=seed, val=val, test=test,
-                   cut_stage=cut_stage, image_size=image_size, pretrained=not no_pretrained,
-                   weights=str(weights) if weights else None, allow_download=allow_download or None,
-                   cache_dir=str(cache_dir) if cache_dir else None, no_cache=no_cache, workers=workers,
-                   device=device, accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
-                   mixed_precision=not no_amp, quiet=quiet or as_json, dedupe=dedupe,
-                   diagnose=diagnose, task=task, recipe=recipe,
-                   candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()) if candidates else ())
-    # typer may bring its own copy of click, so the parameter source is compared by name
-    given = {p.name: p.opts[0] for p in ctx.command.params
-             if getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"}
-    if config_file is not None and resume is None:  # the file's options, except where a flag was given
-        flag = {"pretrained": "no_pretrained", "mixed_precision": "no_amp"}
-        options.update({k: v for k, v in read_config_file(config_file).items() if flag.get(k, k) not in given})
-        options["quiet"] = options["quiet"] or as_json
+    file_options = read_config_file(config_file) if config_file is not None and resume is None else {}
+    options, given = _train_options(ctx, file_options)
+    options["quiet"] = options["quiet"] or as_json
     if resume is not None:
         kept = ("resume", "time_limit", "quiet", "as_json")  # what --resume takes; the run keeps its own options
-        given = [opt for name, opt in given.items() if name not in kept]
-        if given:
+        ignored = [p.opts[0] for p in ctx.command.params if p.name in given and p.name not in kept]
+        if ignored:
             err.print(f"[yellow]warning[/]: ignored with --resume (the run keeps its own data and options): "
-                      f"{esc(', '.join(given))}")
+                      f"{esc(', '.join(ignored))}")
         overrides = {"quiet": quiet or as_json}
         if time_limit is not None:
             overrides["time_limit"] = parse_duration(time_limit)

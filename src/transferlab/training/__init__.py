@@ -1,10 +1,20 @@
-"""Training: heads on cached features, fine-tuning on Lightning, callbacks."""
+"""Training: heads on cached features, fine-tuning on Lightning, callbacks, and the registry of recipes.
 
-from .callbacks import HISTORY_FIELDS, BestWeights, History
-from .head import HeadConfig, HeadResult, balanced_class_weights, fit_head
-from .module import ClassifierModule, cosine_with_warmup
-from .trainer import make_trainer, quiet_lightning
+Importing the package is cheap (the recipe registry is read at the CLI's start); the names below load
+torch and Lightning on first use.
+"""
 
-__all__ = ["HISTORY_FIELDS", "BestWeights", "History", "HeadConfig", "HeadResult",
-           "balanced_class_weights", "fit_head", "ClassifierModule", "cosine_with_warmup",
-           "make_trainer", "quiet_lightning"]
+from importlib import import_module as _import_module
+
+_LAZY = {"HISTORY_FIELDS": "callbacks", "BestWeights": "callbacks", "History": "callbacks", "HeadConfig": "head",
+         "HeadResult": "head", "balanced_class_weights": "head", "fit_head": "head",
+         "ClassifierModule": "module", "cosine_with_warmup": "module", "make_trainer": "trainer",
+         "quiet_lightning": "trainer"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(_import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

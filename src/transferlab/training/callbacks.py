@@ -190,23 +190,28 @@ class MustPay(L.Callback):
 
 class AnnealingStop(EarlyStopping):
     """Early stopping that counts only once the one-cycle schedule's rate is falling: from the end of the
-    run's :class:`~transferlab.training.module.WarmupCosine` warm-up (as it stands, shortened or not), or
-    from ``start_step`` when the run has no such schedule.
+    run's :class:`~transferlab.training.module.WarmupCosine` warm-up (as it stands, shortened or not).
 
-    While the rate warms up, validation loss rising is the schedule working, not the model converging: a
-    fine-tuning of fm100 at 224 px whose loss rose through its first warm-up epochs was stopped at the peak
-    rate, a third of its way in. Validations before the peak neither count against the patience nor set
-    the best it is measured from.
+    While the rate warms up, validation loss rising is the schedule working, not the model converging, so
+    validations before the peak neither count against the patience nor set the best it is measured from.
+    ``patience=None`` never runs out: the fit then stops only on a non-finite loss (Lightning's check).
     """
 
-    def __init__(self, monitor: str, *, patience: int, start_step: int = 0) -> None:
-        super().__init__(monitor, patience=patience, mode="min")
-        self.start_step = start_step
+    def __init__(self, monitor: str, *, patience: int | None) -> None:
+        super().__init__(monitor, patience=math.inf if patience is None else patience, mode="min")  # type: ignore[arg-type]
 
-    def _should_skip_check(self, trainer: L.Trainer) -> bool:
+    @staticmethod
+    def _warming_up(trainer: L.Trainer) -> bool:
         schedule = _schedule(trainer)
-        start = schedule.warmup_steps if schedule is not None else self.start_step
-        return super()._should_skip_check(trainer) or trainer.global_step < start
+        return schedule is not None and trainer.global_step < schedule.warmup_steps
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._warming_up(trainer):
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._warming_up(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
 
     @property
     def stopped(self) -> bool:

@@ -79,11 +79,10 @@ class FinetuneConfig:
     label_smoothing: float = TrainConfig.ft_label_smoothing
     mixup: str = TrainConfig.ft_mixup  # auto|on|off (see mixes)
     val_every: float = 1.0
-    optimizer: str = "adamw"
     ema: bool = True
     discard_after_s: float | None = None
     batch_size: int = TrainConfig.ft_batch_size
-    patience: int = TrainConfig.ft_patience
+    patience: int | None = TrainConfig.ft_patience  # None: no early stopping (a non-finite loss still stops)
     grad_clip: float | None = TrainConfig.grad_clip
     augment: str = TrainConfig.augment
     class_weights: Sequence[float] | None = None
@@ -291,7 +290,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     keep_freed_memory()
     mix = batch_mixer(_n_outputs(model.head), cfg.label_smoothing) if mixes(cfg, pretrained) else None
     module = _FinetuneModule(model, lr=cfg.lr, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
-                             class_weights=cfg.class_weights, warmup=WARMUP, param_groups=groups, optimizer=cfg.optimizer,
+                             class_weights=cfg.class_weights, warmup=WARMUP, param_groups=groups,
                              input_transform=_channels_last, multilabel=cfg.multilabel, mix=mix)
     pre_cfg = model.preprocessing
     data = FinetuneData(pre_cfg, train_paths, train_y, val_paths, val_y, batch_size=cfg.batch_size,
@@ -327,7 +326,8 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     early = None
     if data.has_val:
         # patience counts from the rate's peak: while it warms up a rising loss is the schedule's own doing
-        early = AnnealingStop(monitor, patience=max(1, math.ceil(cfg.patience * batches / val_steps)))
+        early = AnnealingStop(monitor, patience=None if cfg.patience is None else
+                              max(1, math.ceil(cfg.patience * batches / val_steps)))
         callbacks.append(early)
     deadline = Deadline(cfg.deadline, margin_s=cfg.reserve_s) if cfg.deadline else None
     must_pay = None

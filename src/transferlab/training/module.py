@@ -65,7 +65,6 @@ class ClassifierModule(L.LightningModule):
         class_weights: per-class loss weights (``None``: unweighted); multi-label: each label's positive weight.
         warmup: share of the training steps spent in linear warm-up before the cosine decay.
         input_transform: applied to inputs on the device before ``model`` (e.g. channels_last).
-        optimizer: ``adamw`` (default) or ``sgd`` (Nesterov momentum 0.9).
         mix: maps a training batch ``(x, y)`` to mixed inputs and soft targets (timm's ``Mixup``, which applies
             the label smoothing itself); ``None``: plain batches. A batch of odd size trains unmixed.
     """
@@ -73,7 +72,7 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 1e-4,
                  label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
                  warmup: float = 0.0, param_groups: list[dict[str, Any]] | None = None,
-                 input_transform: Any = None, optimizer: str = "adamw", multilabel: bool = False,
+                 input_transform: Any = None, multilabel: bool = False,
                  mix: Any = None) -> None:
         super().__init__()
         self.model = model
@@ -81,7 +80,6 @@ class ClassifierModule(L.LightningModule):
         self.warmup = warmup
         self.param_groups = param_groups
         self.input_transform = input_transform
-        self.optimizer = optimizer
         self.multilabel = multilabel
         self.mix = mix
         w = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
@@ -144,10 +142,7 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         groups = self.param_groups or [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
-        if self.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay)
-        else:
-            opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(round(self.warmup * total))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, warmup))

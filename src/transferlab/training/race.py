@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 __all__ = ["Candidate", "RungResult", "Race", "successive_halving", "slice_seconds", "projected_error", "rung_sizes",
            "RACE_SHARE", "MIN_SLICE_S"]
@@ -31,14 +31,12 @@ RACE_SHARE = 0.3
 MIN_SLICE_S = 5.0
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One training recipe. ``name``: short id (``recipe``, ``bn-adapt``, ``orient``, ``scratch``, ``transfer``);
-    ``description``: one line for people; ``options``: what the strategy needs to build and train it."""
+class Candidate(Protocol):
+    """What the race needs of a contestant (a :class:`~transferlab.training.recipes.Recipe`): a short id
+    and one line for people."""
 
     name: str
     description: str
-    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass

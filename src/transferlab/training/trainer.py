@@ -28,7 +28,7 @@ def quiet_lightning() -> None:
 def make_trainer(log_dir: str | os.PathLike[str] | None, *, max_epochs: int, callbacks: list[Any],
                  quiet: bool = False, version: str = "head", accelerator: str = "auto",
                  devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1,
-                 precision: str | None = None, max_time: str | None = None,
+                 precision: str | None = None,
                  gradient_clip_val: float | None = None, checkpoint: bool = False,
                  deterministic: bool = True, max_steps: int = -1,
                  val_check_interval: float | None = None) -> L.Trainer:
@@ -50,6 +50,6 @@ def make_trainer(log_dir: str | os.PathLike[str] | None, *, max_epochs: int, cal
         val_check_interval=val_check_interval, logger=loggers, enable_checkpointing=checkpoint,
         enable_progress_bar=not quiet, enable_model_summary=False, num_sanity_val_steps=0,
         accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
-        precision=precision, max_time=max_time, gradient_clip_val=gradient_clip_val,
+        precision=precision, gradient_clip_val=gradient_clip_val,
         deterministic=deterministic, log_every_n_steps=1, use_distributed_sampler=True,
     )
