@@ -37,7 +37,7 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
              started_at: float) -> Plan:
     """The first plan: input size (from the images' resolution and the budget) and a first estimate.
 
-    ``cfg`` is the run's :class:`~transferlab.pipeline.TrainConfig`; ``started_at`` the ``time.time()``
+    ``cfg`` is the run's :class:`~transferlab.config.TrainConfig`; ``started_at`` the ``time.time()``
     from which its ``time_limit`` counts.
     """
     n = _counts(ds)
@@ -72,17 +72,18 @@ def head_seconds(n_train: int) -> float:
     return 5.0 + 1e-3 * n_train
 
 
-def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: BackboneInfo, stats: dict[str, Any],
+def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: BackboneInfo, stats: Any,
                   started_at: float) -> Plan:
     """The plan again before fine-tuning, on costs measured at the chosen size (a few training steps,
-    and the extraction just done) and with the time actually left."""
+    and the extraction just done: ``stats``, the head stage's :class:`~transferlab.stages.HeadStats`) and
+    with the time actually left."""
     n = _counts(ds)
     train_paths = [s.path for s in ds.samples if s.split == "train"]
     costs = measure_costs(model, info.preprocessing, [plan.image_size], sample_paths(train_paths, seed=cfg.seed),
                           batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride),
                           mixed_precision=cfg.mixed_precision, workers=_workers(cfg), train=True)
-    if stats.get("features_computed", 0) >= 256 and stats.get("extract_s", 0) > 0:  # measured on the real files
-        costs.eval_s[plan.image_size] = stats["extract_s"] / stats["features_computed"]
+    if stats.features_computed >= 256 and stats.extract_s > 0:  # measured on the real files
+        costs.eval_s[plan.image_size] = stats.extract_s / stats.features_computed
     again = make_plan(native=plan.native_size, default_size=plan.image_size, n_extract=0, n_train=n["train"],
                       n_val=n["val"], n_test=n["test"], costs=costs, finetune=True, budget_s=cfg.time_limit,
                       elapsed_s=time.time() - started_at, max_epochs=cfg.ft_epochs, image_size=plan.image_size,

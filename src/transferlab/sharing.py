@@ -75,14 +75,16 @@ def shared_start(world: World, head: torch.nn.Module, initial_val_loss: float | 
     return broadcast_json(world, initial_val_loss)
 
 
-def distributed_record(world: World, stats: dict[str, Any], evaluated: list[int] | None) -> dict[str, Any]:
-    """``metrics.json``'s ``distributed``: the world size and the images each rank extracted and evaluated."""
-    return {"world_size": world.size, "extracted_per_rank": stats.get("extracted_per_rank", [0] * world.size),
-            "evaluated_per_rank": evaluated if evaluated is not None
-            else stats.get("evaluated_per_rank", [0] * world.size)}
+def distributed_record(world: World, stats: Any, evaluated: list[int] | None) -> dict[str, Any]:
+    """``metrics.json``'s ``distributed``: the world size and the images each rank extracted and evaluated
+    (``stats``: the head stage's :class:`~transferlab.stages.HeadStats`; ``evaluated``: the shares of the
+    evaluation from the files, when it ran)."""
+    none = [0] * world.size
+    return {"world_size": world.size, "extracted_per_rank": stats.extracted_per_rank or none,
+            "evaluated_per_rank": evaluated if evaluated is not None else stats.evaluated_per_rank or none}
 
 
 def evaluation_shares(ds: Dataset, world: World) -> list[int]:
-    """Validation and test images each rank's forward pass ran on in :func:`~transferlab.pipeline.evaluate_files`."""
+    """Validation and test images each rank's forward pass ran on in :func:`~transferlab.stages.evaluate_files`."""
     per_split = [owners(sum(1 for s in ds.samples if s.split == sp), world, EVAL_BLOCK) for sp in ("val", "test")]
     return [sum(len(split[r]) for split in per_split) for r in range(world.size)]

@@ -1,7 +1,7 @@
 """The training strategy: which recipes to try on this data, the race between them, and the survivor's run.
 
 A practitioner with fifteen minutes tries the few things that usually work, looks at validation early,
-drops what does not pay and spends the rest on the winner. :func:`portfolio` proposes the candidates
+drops what does not pay and spends the rest on the winner. :func:`~transferlab.decisions.portfolio` proposes the candidates
 (recipes of :mod:`transferlab.training.recipes`) from the data's resolution and size and the backbone;
 :func:`run_strategy` races them with successive halving (:mod:`transferlab.training.race`) and trains the
 survivor with the rest of the budget. With a time limit the survivor's one-cycle schedule fills the budget
@@ -27,18 +27,12 @@ from .training.callbacks import History
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune, precision_for
 from .training.plan import Plan, measure_costs, sample_paths
 from .training.race import RACE_SHARE, Race, RungResult, rung_sizes, slice_seconds, successive_halving
-from .training.recipes import Recipe, get_recipe
+from .training.recipes import Recipe
 
-__all__ = ["portfolio", "skips_head", "run_strategy", "with_race_estimate", "StrategyOutcome",
-           "budget_record", "decision_record", "SCRATCH_MAX_SIDE",
-           "SCRATCH_MIN_IMAGES"]
+__all__ = ["run_strategy", "with_race_estimate", "StrategyOutcome", "budget_record", "decision_record"]
 
 log = logging.getLogger("transferlab")
 
-#: The scratch CNN is a candidate for images at most this many pixels on their shorter side ...
-SCRATCH_MAX_SIDE = 64
-#: ... and at least this many training images.
-SCRATCH_MIN_IMAGES = 10_000
 #: The survivor's schedule with a time limit fills the time left, up to this many epochs ...
 MAX_SURVIVOR_EPOCHS = 40
 #: ... or this share of it (the rest absorbs estimation error; the deadline cuts a schedule that overruns).
@@ -46,26 +40,6 @@ SURVIVOR_FILL = 0.9
 #: Seconds a rung spends starting (the Trainer, the loaders' workers, the first batches): the digits at 224 px
 #: validated a rung's first 7 steps 21 s after its start, about 10 s more than the steps and the pass cost.
 RUNG_START_S = 10.0
-
-
-def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = ()) -> list[Recipe]:
-    """The recipes to race: ``names`` if given, else chosen from the images' shorter side ``native``, the
-    number of training images and whether the backbone is pretrained: ``recipe`` alone after the head; for
-    small images in large numbers ``transfer`` against ``scratch`` (extracting them all at an ImageNet
-    resolution would cost a large share of the budget); ``transfer`` alone from random weights."""
-    if not names:
-        if not pretrained:
-            names = ("transfer",)  # the user's own backbone from random weights: nothing to race it against
-        elif native is not None and native <= SCRATCH_MAX_SIDE and n_train >= SCRATCH_MIN_IMAGES:
-            names = ("transfer", "scratch")
-        else:
-            names = ("recipe",)
-    return [get_recipe(n) for n in dict.fromkeys(names)]
-
-
-def skips_head(candidates: Sequence[Recipe]) -> bool:
-    """True when no candidate starts from the frozen-feature head, so the head phase is not run."""
-    return not any(c.from_head for c in candidates)
 
 
 @dataclass

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from transferlab.strategy import budget_record, portfolio, skips_head
+from transferlab.decisions import portfolio, skips_head
+from transferlab.strategy import budget_record
 from transferlab.training.recipes import Recipe
 from transferlab.training.race import (RACE_SHARE, RungResult, projected_error, slice_seconds,
                                       successive_halving)

@@ -1,0 +1,104 @@
+"""What a run decides before it trains: head or not, fine-tuning or not, which recipes race, and what trains
+when the budget leaves no fine-tuning.
+
+Pure functions of the data's description, the options and the plan's verdict: no torch, no files, so each
+rule is unit-tested in microseconds. The pipeline does what a :class:`Decision` says and records its
+reasons in the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+from .training.recipes import Recipe, get_recipe
+
+__all__ = ["Decision", "decide", "portfolio", "skips_head", "fallback", "SCRATCH_MAX_SIDE", "SCRATCH_MIN_IMAGES"]
+
+#: The scratch CNN is a candidate for images at most this many pixels on their shorter side ...
+SCRATCH_MAX_SIDE = 64
+#: ... and at least this many training images.
+SCRATCH_MIN_IMAGES = 10_000
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the run does. head: train the frozen-feature head first. finetune: fine-tune after it (the
+    plan may still find no time for it). candidates: the recipes to race (empty: the single recipe, no
+    race). notes: what the user is warned of. reasons: lines for the plan."""
+
+    head: bool
+    finetune: bool
+    candidates: tuple[Recipe, ...] = ()
+    notes: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = field(default=())
+
+
+def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = ()) -> list[Recipe]:
+    """The recipes to race: ``names`` if given, else chosen from the images' shorter side ``native``, the
+    number of training images and whether the backbone is pretrained: ``recipe`` alone after the head; for
+    small images in large numbers ``transfer`` against ``scratch`` (extracting them all at an ImageNet
+    resolution would cost a large share of the budget); ``transfer`` alone from random weights."""
+    if not names:
+        if not pretrained:
+            names = ("transfer",)  # the user's own backbone from random weights: nothing to race it against
+        elif native is not None and native <= SCRATCH_MAX_SIDE and n_train >= SCRATCH_MIN_IMAGES:
+            names = ("transfer", "scratch")
+        else:
+            names = ("recipe",)
+    return [get_recipe(n) for n in dict.fromkeys(names)]
+
+
+def skips_head(candidates: Sequence[Recipe]) -> bool:
+    """True when no candidate starts from the frozen-feature head, so the head phase is not run."""
+    return not any(c.from_head for c in candidates)
+
+
+def decide(*, mode: str, recipe: str, candidates: Sequence[str], pretrained: bool, task: str, distributed: bool,
+           native: int | None, n_train: int) -> Decision:
+    """The run's first decision, from its options (``mode``, ``recipe``, ``candidates``), the backbone
+    (``pretrained``), the task, whether several processes share the run, and the data (the images'
+    shorter side ``native``, ``n_train`` training images).
+
+    Example:
+        >>> decide(mode="auto", recipe="race", candidates=(), pretrained=True, task="single",
+        ...        distributed=False, native=300, n_train=500).candidates[0].name
+        'recipe'
+    """
+    head = mode in ("head", "knn") or (mode == "auto" and pretrained)
+    finetune = mode in ("finetune", "auto")
+    if recipe != "race" or not finetune:
+        return Decision(head, finetune)
+    if task == "multilabel":
+        return Decision(head, finetune, reasons=("multi-label: the single recipe trains (the race ranks recipes by "
+                                                 "accuracy)",))
+    if distributed:
+        return Decision(head, finetune, notes=("--recipe race runs in one process: a distributed run trains the "
+                                               "single recipe.",))
+    raced = tuple(portfolio(native, n_train, pretrained, candidates))
+    if head and skips_head(raced):
+        why = f"no frozen-feature head: the race is {' against '.join(c.name for c in raced)} (small images in " \
+              "large numbers)"
+        return Decision(False, finetune, raced, reasons=(why,))
+    return Decision(head, finetune, raced)
+
+
+def fallback(decision: Decision, plan_finetune: bool, pretrained: bool) -> tuple[Decision, float, str | None]:
+    """What trains once the plan is made before fine-tuning: when it leaves no fine-tuning and no head was
+    trained, the cheapest thing that can (a run never ends with an untrained network): the scratch CNN alone
+    when the race has it (its epochs come from its own, far lower, measured cost), else the frozen-feature
+    head of a pretrained backbone, else the share of an epoch the deadline allows.
+
+    Returns the decision (``finetune`` as the plan says, or as the fallback changes it), the least epochs
+    the plan must hold (0: as planned) and the reason for the plan (``None``: nothing changed)."""
+    if plan_finetune or decision.head:
+        return replace(decision, finetune=decision.finetune and plan_finetune), 0.0, None
+    scratch = tuple(c for c in decision.candidates if c.name == "scratch")
+    if scratch:
+        why = "the pretrained network does not fit in the budget: the scratch CNN alone trains, at its own cost"
+        return replace(decision, finetune=True, candidates=scratch), 1.0, why
+    if pretrained:
+        return replace(decision, head=True, finetune=False, candidates=()), 0.0, \
+            "the frozen-feature head is trained instead"
+    why = "half an epoch, which the deadline may cut: an untrained network is no result"
+    return replace(decision, finetune=True), 0.5, why

@@ -1,0 +1,60 @@
+"""What a run decides, as pure functions of its options and its data's description (no network built)."""
+
+from __future__ import annotations
+
+from transferlab.decisions import Decision, decide, fallback
+
+
+def _decide(**kw) -> Decision:
+    args = dict(mode="auto", recipe="race", candidates=(), pretrained=True, task="single", distributed=False,
+                native=300, n_train=500)
+    return decide(**{**args, **kw})
+
+
+def _names(d: Decision) -> list[str]:
+    return [c.name for c in d.candidates]
+
+
+def test_the_default_is_the_head_then_a_race_of_one():
+    d = _decide()
+    assert (d.head, d.finetune, _names(d), d.notes) == (True, True, ["recipe"], ())
+
+
+def test_modes_decide_head_and_fine_tuning():
+    assert (_decide(mode="head").head, _decide(mode="head").finetune) == (True, False)
+    assert (_decide(mode="knn").head, _decide(mode="knn").finetune, _names(_decide(mode="knn"))) == (True, False, [])
+    ft = _decide(mode="finetune")
+    assert (ft.head, ft.finetune, _names(ft)) == (False, True, ["recipe"])
+    scratch_weights = _decide(pretrained=False)
+    assert (scratch_weights.head, _names(scratch_weights)) == (False, ["transfer"])
+
+
+def test_many_small_images_race_transfer_against_scratch_without_a_head():
+    d = _decide(native=28, n_train=54_000)
+    assert (d.head, _names(d)) == (False, ["transfer", "scratch"])
+    assert any("no frozen-feature head" in r for r in d.reasons)
+    assert _names(_decide(native=28, n_train=1_000)) == ["recipe"]
+
+
+def test_single_recipe_distributed_and_multilabel_runs_do_not_race():
+    assert _names(_decide(recipe="single")) == []
+    dist = _decide(distributed=True)
+    assert _names(dist) == [] and "distributed run trains the single recipe" in dist.notes[0]
+    multi = _decide(task="multilabel")
+    assert _names(multi) == [] and multi.head and "multi-label" in multi.reasons[0]
+    assert _names(_decide(candidates=("orient", "bn-adapt"))) == ["orient", "bn-adapt"]
+
+
+def test_the_fallback_when_the_budget_fits_no_fine_tuning():
+    raced = _decide(native=28, n_train=54_000)
+    d, least, why = fallback(raced, plan_finetune=False, pretrained=True)
+    assert (d.finetune, _names(d), least) == (True, ["scratch"], 1.0) and "scratch CNN alone" in why
+    transfer_only = _decide(native=28, n_train=54_000, candidates=("transfer",))
+    d, least, why = fallback(transfer_only, plan_finetune=False, pretrained=True)
+    assert (d.head, d.finetune, _names(d)) == (True, False, []) and "head is trained instead" in why
+    d, least, why = fallback(_decide(pretrained=False), plan_finetune=False, pretrained=False)
+    assert (d.finetune, least) == (True, 0.5) and "half an epoch" in why
+    # a head was trained: no fine-tuning is a result; a plan with fine-tuning changes nothing
+    assert fallback(_decide(), plan_finetune=False, pretrained=True) == (
+        Decision(True, False, _decide().candidates), 0.0, None)
+    assert fallback(raced, plan_finetune=True, pretrained=True) == (raced, 0.0, None)
