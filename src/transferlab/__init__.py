@@ -6,8 +6,8 @@ import sys as _sys
 __version__ = "0.1.0"
 
 # libgomp's OpenMP threads busy-wait for a long while after each parallel region of the forward pass,
-# taking the cores from the decoding workers. A short spin measured about 13% faster extraction of
-# large JPEGs on 2 cores with the same single-image latency (BENCHMARKS.md). The variable is read when
+# taking the cores from the decoding workers; a short spin extracts large JPEGs faster on 2 cores with the
+# same single-image latency (BENCHMARKS.md). The variable is read when
 # torch loads, so it only applies when transferlab is imported first; a user's own setting wins.
 if "torch" not in _sys.modules:
     _os.environ.setdefault("GOMP_SPINCOUNT", "10000")

@@ -45,8 +45,8 @@ class TrainConfig:
     ft_epochs / ft_lr / ft_patience / ft_batch_size: the fine-tuning phase.
     ft_mixup: ``auto|on|off``: MixUp and CutMix in fine-tuning (``auto``: a pretrained network's schedule of
         5 epochs or more, single-label; see :func:`transferlab.training.finetune.mixes`).
-    ft_drop_path: stochastic depth's rate at the deepest residual block in fine-tuning (default 0: measured
-        at 0.2 on fm100 in 15 minutes it scored 0.8812 against 0.8841 without; BENCHMARKS.md).
+    ft_drop_path: stochastic depth's rate at the deepest residual block in fine-tuning (default 0: it did not
+        pay in a 15-minute schedule; BENCHMARKS.md, "Figures behind the defaults").
     augment: ``none|light|strong`` for fine-tuning; aug_views: augmented views cached per image (head).
     balance: ``none|weights|sampler`` against class imbalance (the loss weighted by inverse class
         frequency, or a sampler that draws the classes evenly).

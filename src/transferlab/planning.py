@@ -66,9 +66,8 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
 
 def head_seconds(n_train: int) -> float:
     """Rough seconds for the probe head on cached features: its C search runs on at most 10,000 images
-    and its refit on all of them. This is low for large sets: 54,000 images took 130 s with a cold refit
-    and 119-144 s with the warm one on the 2-core CPU (BENCHMARKS.md); the plan made again before
-    fine-tuning uses the time actually spent."""
+    and its refit on all of them. It is low for large sets; the plan made again before fine-tuning uses
+    the time actually spent."""
     return 5.0 + 1e-3 * n_train
 
 

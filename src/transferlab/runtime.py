@@ -63,11 +63,10 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
 
     By default every activation larger than a few MB is a fresh ``mmap``, and the kernel zeroes its
-    pages again on first touch: on this machine a quarter of a CPU forward pass went to those page
-    faults. With large allocations served from the heap and no trimming, the pages are reused
-    (forward pass measured 1.4x faster; BENCHMARKS.md). This is PyTorch's CPU tuning guide's
-    "use a caching allocator" advice done with glibc itself. The price is that the process keeps
-    its peak memory until it exits. Does nothing off glibc, or with ``TRANSFERLAB_NO_MALLOPT=1``;
+    pages again on first touch, a large share of a CPU forward pass. With large allocations served from
+    the heap and no trimming, the pages are reused (BENCHMARKS.md, "Figures behind the defaults"). This
+    is PyTorch's CPU tuning guide's "use a caching allocator" advice done with glibc itself. The price is
+    that the process keeps its peak memory until it exits. Does nothing off glibc, or with ``TRANSFERLAB_NO_MALLOPT=1``;
     returns whether it applied.
     """
     if os.environ.get("TRANSFERLAB_NO_MALLOPT") or not sys.platform.startswith("linux"):

@@ -37,8 +37,7 @@ log = logging.getLogger("transferlab")
 MAX_SURVIVOR_EPOCHS = 40
 #: ... or this share of it (the rest absorbs estimation error; the deadline cuts a schedule that overruns).
 SURVIVOR_FILL = 0.9
-#: Seconds a rung spends starting (the Trainer, the loaders' workers, the first batches): the digits at 224 px
-#: validated a rung's first 7 steps 21 s after its start, about 10 s more than the steps and the pass cost.
+#: Seconds a rung spends starting (the Trainer, the loaders' workers, the first batches), beyond its steps.
 RUNG_START_S = 10.0
 
 

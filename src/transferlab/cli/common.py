@@ -21,9 +21,8 @@ __all__ = ["out", "err", "setup_logging", "print_json", "csv_ints", "whole_names
 def process_started_at() -> float:
     """The wall-clock time this process started, which is when the user's clock started: on Linux from
     ``/proc`` (its start in clock ticks after the boot time), elsewhere now. Importing torch, Lightning
-    and timm from a cold disk took 144 s before ``transferlab train`` ran a line of its own (a 15-minute
-    run on this project's CPU, whose kernel evicts idle pages); counted from the first line, ``--time-limit
-    15m`` ran for 882 s and said 162 of its 900 s were left unused."""
+    and timm from a cold disk can take minutes before ``transferlab train`` runs a line of its own, and
+    the user's ``--time-limit`` counts them (BENCHMARKS.md, "Figures behind the defaults")."""
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()

@@ -21,9 +21,8 @@ __all__ = ["Diagnosis", "diagnose_training", "DIAGNOSE_MAX_TRAIN"]
 
 log = logging.getLogger("transferlab")
 
-#: Training splits up to this many images get the diagnostics by default. On the 2-core CPU the
-#: digits' 1,259 training images take about 15 s and 10,000 Fashion-MNIST images about two minutes
-#: (BENCHMARKS.md); larger sets use `data issues` and `data curve`.
+#: Training splits up to this many images get the diagnostics by default (beyond it they cost minutes of a
+#: CPU; BENCHMARKS.md); larger sets use `data issues` and `data curve`.
 DIAGNOSE_MAX_TRAIN = 5_000
 
 

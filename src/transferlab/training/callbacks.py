@@ -97,8 +97,8 @@ class BestWeights(L.Callback):
     With ``keep_final``, a fit that ran its schedule to the end (no callback stopped it) and beat its
     starting point at least once keeps the weights it ended with instead (``kept`` says which): the
     annealed end of a one-cycle schedule is the point it was designed for, and a validation split of a few
-    hundred images cannot rank the checkpoints of one schedule (fm100's best validation loss, at epoch 4 of
-    16, scored 0.8521 on its 10,000 test images, its final weights 0.8730; BENCHMARKS.md).
+    hundred images cannot rank the checkpoints of one schedule (BENCHMARKS.md, "Figures behind the
+    defaults").
     """
 
     def __init__(self, monitor: str = "val_loss", mode: str = "min", averaging: Any = None,
@@ -312,14 +312,12 @@ class AnnealByDeadline(L.Callback):
     """Fits the one-cycle schedule, at the end of each epoch, to the whole epochs that still fit before the
     :class:`Deadline` stops training, so the rate has decayed when it does.
 
-    The schedule's length comes from the plan's estimate of an epoch, measured on a few synthetic batches
-    before training; real epochs can run longer (on the 2-core benchmark CPU, 1.1x to 2.5x), and a
-    deadline that cuts a schedule three quarters of the way leaves the weights at a third of the peak rate.
-    The pace is the median epoch so far (validation included), the first left out once there are others
-    (it carries the loaders' start). A schedule shortened on a slow epoch grows back (never past its
-    planned length) when the pace allows it with half an epoch to spare: paced by the epoch just run and
-    only ever shortened, fm20's 40-epoch schedule (epochs of 15-23 s) ended at 31 with a third of the
-    budget unused. Every process follows rank 0's decision.
+    The schedule's length comes from the plan's estimate of an epoch, made on a few batches before training;
+    real epochs can run longer, and a deadline that cuts a schedule three quarters of the way leaves the
+    weights at a third of the peak rate. The pace is the median epoch so far (validation included), the
+    first left out once there are others (it carries the loaders' start). A schedule shortened on a slow
+    epoch grows back (never past its planned length) when the pace allows it with half an epoch to spare,
+    so one slow epoch does not leave the budget unused. Every process follows rank 0's decision.
     """
 
     def __init__(self, deadline: Deadline) -> None:

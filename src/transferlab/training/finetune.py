@@ -2,22 +2,18 @@
 statistics frozen, augmentation on the fly, validation inside long epochs, checkpoints, resume, time
 limits and DDP.
 
-Defaults follow fastai's ``fine_tune``: after the head (here the logistic-regression probe on cached
-features), the network trains with learning rates spread geometrically from ``lr/100`` at the stem to
-``lr`` at the top stage and the head (``slice(lr/100, lr)``, fastai's 1e-3), on a one-cycle schedule
-(warm-up over the first 30% of the steps, then cosine decay), with label smoothing 0.1. The earlier
-default, ``lr/2 .. lr/200`` from 1e-4, left the backbone nearly still, so fine-tuning cost its time
-and was then thrown away (BENCHMARKS.md). The stages at output stride 4 or finer (stem and first
-blocks) stay frozen, as in Detectron2: they are generic, their discriminative rate would be tiny
-anyway, and skipping their backward pass makes a training step about 1.7x faster on a CPU.
+Defaults follow fastai's ``fine_tune``: after the head, the network trains with learning rates spread
+geometrically from ``lr/100`` at the stem to ``lr`` at the top stage and the head (``slice(lr/100, lr)``,
+fastai's 1e-3), on a one-cycle schedule (warm-up over the first 30% of the steps, then cosine decay), with
+label smoothing 0.1. The stages at output stride 4 or finer (stem and first blocks) stay frozen, as in
+Detectron2: they are generic, their discriminative rate would be tiny anyway, and skipping their backward
+pass makes a training step faster on a CPU.
 
 A schedule of :data:`MIXUP_MIN_EPOCHS` epochs or more trains on mixed batches (:func:`mixes`): each batch is
-either MixUp (alpha 0.2) or CutMix (alpha 1.0) of itself, timm's ``Mixup`` with its label smoothing. Many
-epochs over a small set overfit: on Fashion-MNIST at 100 images per class the validation loss of the 15
-minutes' 15-epoch schedule was lowest at its fourth epoch; with mixed batches it fell to the end (0.266
-against 0.332 at best) and the test accuracy rose from 0.868 to 0.878, on 200 images per class from 0.827
-to 0.834 (BENCHMARKS.md). A short schedule keeps plain batches: mixing slows what little training it
-has (fastai: MixUp needs more epochs).
+either MixUp (alpha 0.2) or CutMix (alpha 1.0) of itself, timm's ``Mixup`` with its label smoothing, because
+many epochs over a small set overfit; a short schedule keeps plain batches, as mixing slows what little
+training it has (fastai: MixUp needs more epochs). The figures behind each choice: BENCHMARKS.md,
+"fine-tuning's defaults".
 """
 
 from __future__ import annotations
@@ -206,14 +202,11 @@ class _FinetuneModule(ClassifierModule):
 
 def precision_for(accelerator: str, mixed_precision: bool, cpu_bf16: bool = False) -> str:
     """Lightning precision for training: 16-mixed/bf16-mixed on CUDA, 32 on the CPU (bf16-mixed there with
-    ``cpu_bf16`` where the CPU has bf16: a plain CNN such as ``simple_cnn`` trained 2.1x faster in bf16 at
-    28 px on this project's CPU, 1,400 against 721 img/s).
+    ``cpu_bf16`` where the CPU has native bf16: a plain CNN such as ``simple_cnn`` trains faster in it).
 
-    bf16 autocast speeds up the CPU's forward pass but not its training step: on this project's 2-core
-    CPU (AMX and AVX512-BF16), efficientnet_lite0 with its stride-4 stages frozen trained at 15.0 img/s
-    in bf16 against 16.7 in fp32 at 224 px, 37.4 against 59.5 at 128 px and 74.6 against 154.9 at 64 px
-    (``bench/bench_train_step.py``; the backward pass of depthwise convolutions in bf16 is slow), so CPU
-    training stays in fp32.
+    bf16 autocast speeds up a CPU's forward pass but not the training step of a network of depthwise
+    convolutions, whose backward pass is slow in bf16, so such training stays in fp32 on a CPU
+    (``bench/bench_train_step.py``; BENCHMARKS.md, "Figures behind the defaults").
     """
     if not mixed_precision:
         return "32-true"
@@ -225,8 +218,8 @@ def precision_for(accelerator: str, mixed_precision: bool, cpu_bf16: bool = Fals
 
 def mixes(cfg: FinetuneConfig, pretrained: bool = True) -> bool:
     """Whether fine-tuning trains on mixed batches: ``mixup`` on, or auto with a pretrained network, a
-    schedule of :data:`MIXUP_MIN_EPOCHS` or more, and one label per image (the scratch CNN's and multi-label
-    training's defaults were measured without it)."""
+    schedule of :data:`MIXUP_MIN_EPOCHS` or more, and one label per image (mixing was not measured for the
+    scratch CNN or multi-label training, so they train on plain batches)."""
     if cfg.mixup != "auto":
         return cfg.mixup == "on" and not cfg.multilabel
     return pretrained and not cfg.multilabel and cfg.epochs >= MIXUP_MIN_EPOCHS
