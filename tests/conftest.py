@@ -16,6 +16,17 @@ import pytest
 from PIL import Image
 
 
+#: Fixtures that train a network: a test that reads one is end to end, whatever its own cost.
+TRAINED_FIXTURES = {"trained_run", "single_head_run"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark ``slow`` every test that needs a trained run (the ``@pytest.mark.slow`` tests train one themselves)."""
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_home(tmp_path_factory):
     """Every test uses a private TRANSFERLAB_HOME (weights cache, feature cache); never the network."""

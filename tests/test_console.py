@@ -16,6 +16,7 @@ def _piped(*args: str, columns: str) -> subprocess.CompletedProcess:
                           stderr=subprocess.STDOUT, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("columns", ["40", "300"])
 def test_an_error_with_a_long_path_is_one_line_in_a_pipe(tmp_path, columns):
     missing = tmp_path / ("x" * 150) / ("y" * 60)

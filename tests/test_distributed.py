@@ -131,6 +131,7 @@ def _features(digits_dir: Path, paths: list[str], cache_dir: Path | None = None)
         return extractor, extractor.extract(paths, FeatureCache(cache_dir) if cache_dir else None)
 
 
+@pytest.mark.slow
 def test_head_run_over_two_processes_equals_the_one_process_run(digits_dir, tmp_path, single_head_run):
     run, cache = tmp_path / "two", tmp_path / "cache"
     _run(["train", str(digits_dir), "--out", str(run), "--mode", "head", "--devices", "2", "--strategy", "ddp",
@@ -157,6 +158,7 @@ def test_head_run_over_two_processes_equals_the_one_process_run(digits_dir, tmp_
     _check_only_rank_zero_wrote(tmp_path / "writes", "metrics.json")
 
 
+@pytest.mark.slow
 def test_auto_run_over_two_processes_shares_extraction_and_starts_from_one_head(digits_dir, tmp_path,
                                                                                 single_head_run):
     run = tmp_path / "two"
@@ -207,6 +209,7 @@ def test_shared_evaluation_puts_every_share_back_in_the_files_order(monkeypatch)
         assert errors == [f"bad {i}" if i % 3 == 0 else None for i in range(7)]
 
 
+@pytest.mark.slow
 def test_predict_under_torchrun_writes_one_file_equal_to_one_process(trained_run, digits_dir, tmp_path):
     model = str(trained_run.model_dir)
     out = tmp_path / "out"
@@ -233,6 +236,7 @@ assert ext.ok.all()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_fill_one_cache_at_once_and_damage_is_recomputed(digits_dir, tmp_path, caplog):
     from transferlab.features.cache import FeatureCache
 

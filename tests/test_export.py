@@ -22,6 +22,7 @@ def exported(trained_run, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_exports_pass_their_checks(exported):
     assert exported["onnx"]["passed"] and exported["onnx"]["max_abs_diff"] <= 1e-4
     assert exported["ts"]["passed"] and exported["ts"]["max_abs_diff"] <= 1e-4
@@ -31,6 +32,7 @@ def test_exports_pass_their_checks(exported):
         assert stored["max_abs_diff"] == check["max_abs_diff"]
 
 
+@pytest.mark.slow
 def test_predict_accepts_onnx_file(exported, trained_run):
     rows = list(csv.DictReader(open(trained_run.run_dir / "predictions.csv")))[:8]
     paths = [r["path"] for r in rows]
@@ -52,6 +54,7 @@ def test_torchscript_carries_metadata(exported):
     assert json.loads(meta["classes"]) == [str(i) for i in range(10)]
 
 
+@pytest.mark.slow
 def test_int8_check_decides(trained_run, tmp_path):
     path = tmp_path / "m.int8.onnx"
     try:
@@ -79,6 +82,7 @@ def test_int8_check_decides(trained_run, tmp_path):
     assert chosen[0]["int8_nodes"] == check["int8_nodes"]
 
 
+@pytest.mark.slow
 def test_failed_check_is_an_error(trained_run, tmp_path, monkeypatch):
     import transferlab.export as ex
 
@@ -87,6 +91,7 @@ def test_failed_check_is_an_error(trained_run, tmp_path, monkeypatch):
         export_model(trained_run.model_dir, "onnx", tmp_path / "bad.onnx")
 
 
+@pytest.mark.slow
 def test_predict_engine_auto_uses_a_fresh_checked_export(trained_run, tmp_path, monkeypatch):
     import shutil
 
@@ -129,6 +134,7 @@ def test_onnx_pays_only_where_torch_runs_fp32(monkeypatch):
     assert pr.onnx_pays("cpu", True)
 
 
+@pytest.mark.slow
 def test_int8_export_passes_on_photographs(photos_dir, tmp_path):
     from transferlab.pipeline import train
 

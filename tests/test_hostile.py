@@ -39,6 +39,7 @@ def _presplit_digits(src: Path, root: Path, per_class: int = 10, classes=("0", "
     return root
 
 
+@pytest.mark.slow
 def test_data_check_reports_cross_split_duplicate_and_near_duplicate(digits_dir, tmp_path, capsys):
     root = _presplit_digits(digits_dir, tmp_path / "data")
     train_img = sorted((root / "train" / "1").iterdir())[0]
@@ -129,6 +130,7 @@ def _hostile_corpus(folder: Path, seed_img: Image.Image) -> list[Path]:
     return made
 
 
+@pytest.mark.slow
 def test_hostile_corpus_never_breaks_check_train_or_predict(digits_dir, tmp_path, capsys):
     root = tmp_path / "data"
     for label in ("3", "4"):
@@ -165,6 +167,7 @@ def test_hostile_corpus_never_breaks_check_train_or_predict(digits_dir, tmp_path
             assert r["label"] is not None or r["error"], p
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_keeps_previous_model(digits_dir, tmp_path):
     data = _presplit_digits(digits_dir, tmp_path / "data")
     run = tmp_path / "run"
@@ -209,6 +212,7 @@ def _cifar_archive(path: Path, classes=("airplane", "automobile", "bird"), n_lab
             tar.addfile(info, io.BytesIO(blob))
 
 
+@pytest.mark.slow
 def test_cifar_import_and_train(tmp_path):
     archive = tmp_path / "cifar-10-python.tar.gz"
     _cifar_archive(archive)
@@ -234,6 +238,7 @@ def test_cifar_import_refuses_code_in_pickles(tmp_path):
         import_cifar("cifar10", str(archive), tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_import_csv_and_train_from_manifest(digits_dir, tmp_path, capsys):
     rows = [("path", "label", "split")]
     for label in ("5", "6"):
@@ -258,6 +263,7 @@ def _thin_png(path: Path, size=(5, 8_000_000)) -> Path:
 _EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
 
 
+@pytest.mark.slow
 def test_thin_eps_and_16bit_tiff_through_train_and_predict(digits_dir, tmp_path):
     from transferlab.data.images import decode
     from transferlab.data.transforms import EvalTransform, Preprocessing
@@ -340,6 +346,7 @@ def test_manifest_labels_round_trip_exactly(digits_dir, tmp_path):
     assert {s.label for s in read_split_csv(tmp_path / "split.csv")} == {" b", "a"}
 
 
+@pytest.mark.slow
 def test_train_never_clobbers_and_resume_reads_its_own_checkpoint(digits_dir, tmp_path, capsys):
     from transferlab.errors import ConfigError
 
@@ -366,15 +373,16 @@ def test_train_never_clobbers_and_resume_reads_its_own_checkpoint(digits_dir, tm
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_report_failure_keeps_a_loadable_model_and_files_follow_the_umask(digits_dir, tmp_path, monkeypatch):
-    import transferlab.pipeline as pipeline
+    import transferlab.finish as finish
 
     data = _presplit_digits(digits_dir, tmp_path / "data")
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "report_sections", broken)
+    monkeypatch.setattr(finish, "report_sections", broken)
     with pytest.raises(OSError):
         train(data, tmp_path / "run", mode="head", quiet=True, diagnose=False, epochs=2, image_size=64)
     model = load_model(tmp_path / "run" / "model")
@@ -423,6 +431,7 @@ def test_cache_clear_spares_foreign_folders_and_a_read_only_cache_is_a_warning(t
     assert ns.disabled and "No space left" in caplog.text
 
 
+@pytest.mark.slow
 def test_markup_in_class_names_and_paths_prints_as_text(digits_dir, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(digits_dir / "1", root / "[/x]")

@@ -109,6 +109,7 @@ def _f1_at(probs: np.ndarray, y: np.ndarray, cut) -> np.ndarray:
     return 2 * tp / np.maximum(pred.sum(0) + y.sum(0), 1)
 
 
+@pytest.mark.slow
 def test_multilabel_model_trains_predicts_serves_exports_and_evaluates(tmp_path, multilabel_manifest):
     from fastapi.testclient import TestClient
 

@@ -31,6 +31,7 @@ def _page_faults(**env: str) -> int:
     return int(out.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings exist on Linux only")
 def test_forward_passes_reuse_freed_memory_instead_of_faulting_it_in_again():
     kept, default = _page_faults(), _page_faults(TRANSFERLAB_NO_MALLOPT="1")

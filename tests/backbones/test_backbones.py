@@ -53,6 +53,7 @@ def test_backbones_offline_lists_only_lite(capsys):
     assert rows[0]["params_m"] == pytest.approx(4.65, abs=0.01)
 
 
+@pytest.mark.slow
 def test_full_listing_marks_download_backbones():
     rows = {r.name: r for r in list_backbones()}
     assert rows["vgg16"].offline is False and rows["vgg16"].imagenet_top1 == pytest.approx(71.592)
@@ -124,6 +125,7 @@ def test_cut_stage_and_image_size():
         create_backbone("efficientnet_lite0", cut_stage=9)
 
 
+@pytest.mark.slow
 def test_bf16_features_match_fp32(sample_images):
     from transferlab.features import FeatureExtractor
 
@@ -140,6 +142,7 @@ def test_bf16_features_match_fp32(sample_images):
     assert np.array_equal(a, b) == (not cpu_has_bf16())
 
 
+@pytest.mark.slow
 def test_backbones_table_in_a_pipe_shows_whole_names(capsys):
     """A pipe or a file has no width: names are never cut to 'efficien…'."""
     from transferlab.cli import main

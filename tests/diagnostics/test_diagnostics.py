@@ -33,6 +33,7 @@ def _flip_labels(src: Path, dst: Path, share: float, seed: int) -> set[str]:
     return flipped
 
 
+@pytest.mark.slow
 def test_data_issues_ranks_flipped_labels_first(digits_dir, tmp_path, capsys):
     """5% of the real digits' labels flipped: at least 70% of them in the top 10% of the ranking (a random
     ranking puts 10% there); the CSV, the thumbnail page in Chromium and the CLI."""
@@ -97,6 +98,7 @@ def test_relabel_dry_run_apply_and_never_overwrite(tmp_path, capsys):
     assert (tmp_path / "m.relabelled.csv").read_text().strip().endswith(",dog")
 
 
+@pytest.mark.slow
 def test_learning_curve_and_report_sections(trained_run, digits_dir, tmp_path, capsys):
     m = trained_run.metrics
     curve = m["learning_curve"]
@@ -220,6 +222,7 @@ def _subset(src: Path, dst: Path, classes: list[str]) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_knn_mode_add_and_remove_class(digits_dir, tmp_path, capsys):
     """A nearest-prototype model on eight digits; the ninth added in seconds, then removed again."""
     from transferlab.pipeline import train
@@ -245,6 +248,7 @@ def test_knn_mode_add_and_remove_class(digits_dir, tmp_path, capsys):
     assert main(["remove-class", str(res.model_dir), "nope"]) != 0  # a clear error, no traceback
 
 
+@pytest.mark.slow
 def test_add_class_refits_a_linear_head(digits_dir, tmp_path):
     from transferlab.classes import add_class
     from transferlab.pipeline import train
@@ -263,6 +267,7 @@ def test_add_class_refits_a_linear_head(digits_dir, tmp_path):
         add_class(res.model_dir, digits_dir / "9", quiet=True)
 
 
+@pytest.mark.slow
 def test_open_set_unknown_in_predict_and_serve(trained_run, tmp_path, capsys):
     """The digits model calls real photographs 'unknown' with --open-set, keeps most digits, and serves
     the same decision; the scorer lives in the artifact, calibrated to accept 95% of validation."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +26,7 @@ def test_report_has_every_section(trained_run):
     assert "http://" not in html and "https://" not in html
 
 
+@pytest.mark.slow
 def test_binary_report_has_roc_pr_and_threshold(photos_dir, tmp_path):
     res = train(photos_dir, tmp_path / "bin", mode="head", quiet=True, diagnose=False, image_size=96)
     html = (tmp_path / "bin" / "report.html").read_text()
@@ -31,6 +34,7 @@ def test_binary_report_has_roc_pr_and_threshold(photos_dir, tmp_path):
     assert "suggested_threshold" in res.metrics["binary"] and 0 <= res.metrics["binary"]["roc_auc"] <= 1
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(trained_run):
     n_images, loaded, errors, requests = render_page(trained_run.run_dir / "report.html")
     assert n_images >= 6 and loaded
@@ -38,6 +42,7 @@ def test_report_renders_in_headless_chromium(trained_run):
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
 
 
+@pytest.mark.slow
 def test_threshold_marks_unknown_and_keeps_top_k(trained_run, capsys):
     from transferlab.cli import main
 
@@ -56,6 +61,7 @@ def test_threshold_marks_unknown_and_keeps_top_k(trained_run, capsys):
     assert all(r["label"] != "unknown" for r in res if r["probability"] >= 0.99)
 
 
+@pytest.mark.slow
 def test_tta_and_no_calibration(trained_run):
     from transferlab.predict import load_model
 
@@ -78,6 +84,7 @@ def test_tta_and_no_calibration(trained_run):
         assert abs(p - r).max() > 0
 
 
+@pytest.mark.slow
 def test_explain_and_summary(trained_run, tmp_path, capsys):
     from transferlab.cli import main
     import csv

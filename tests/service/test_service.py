@@ -27,6 +27,7 @@ def client(trained_run):
         yield c
 
 
+@pytest.mark.slow
 def test_predict_health_labels(client, test_image):
     path, label = test_image
     assert client.get("/health").json()["status"] == "ok"
@@ -72,6 +73,7 @@ def test_hostile_inputs_are_4xx_json(client, test_image):
     assert client.get("/health").status_code == 200
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium_predicts(trained_run, test_image):
     chromium = chromium_path()
     from playwright.sync_api import sync_playwright
@@ -157,6 +159,7 @@ def test_batcher_answers_every_request_and_isolates_a_failing_image():
     assert isinstance(results[40], ValueError)
 
 
+@pytest.mark.slow
 def test_api_key_and_cross_site_requests(trained_run, test_image):
     path, label = test_image
     good = open(path, "rb").read()
@@ -175,6 +178,7 @@ def test_api_key_and_cross_site_requests(trained_run, test_image):
         assert r.status_code == 200
 
 
+@pytest.mark.slow
 def test_request_pixel_budget_keeps_the_service_small(trained_run, test_image):
     """64 files of 40 MP each (solid PNGs, a few MB in all) would decode to about 7.7 GB: the request is
     refused from the headers alone, a neighbour still gets its answer, and the server's peak RSS stays

@@ -3,6 +3,8 @@ headless Chromium with a fake camera."""
 
 from __future__ import annotations
 
+import pytest
+
 import io
 import json
 import os
@@ -69,6 +71,7 @@ def _project_with_photos(root: Path, n: int = 12) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_training_events_every_second_and_cancel_within_5s(tmp_path):
     project = _project_with_photos(tmp_path / "proj")
     before = sorted(str(p.relative_to(project)) for p in (project / "data").rglob("*"))
@@ -99,6 +102,7 @@ def test_training_events_every_second_and_cancel_within_5s(tmp_path):
         c.post("/api/train/cancel")
 
 
+@pytest.mark.slow
 def test_studio_end_to_end_in_chromium_with_a_fake_camera(tmp_path):
     """Create two classes, fill one from the (fake) camera and the other by file upload, train with the
     1-minute budget, read the report, predict a picture, download the ONNX export."""

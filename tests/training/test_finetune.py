@@ -33,6 +33,7 @@ def _finetune_rows(run: Path) -> int:
     return sum(1 for line in hist.read_text().splitlines() if ",finetune," in line)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(digits_dir, tmp_path):
     args = [str(digits_dir), "--mode", "finetune", "--ft-epochs", "2", "--freeze-epochs", "1", "--seed", "5",
             "--recipe", "single", *FAST]
@@ -59,6 +60,7 @@ def test_sigkill_then_resume_matches_uninterrupted(digits_dir, tmp_path):
     load_model(tmp_path / "killed" / "model").predict_proba([str(next(digits_dir.rglob("*.png")))])
 
 
+@pytest.mark.slow
 def test_time_limit_plans_the_epochs(digits_dir, tmp_path):
     res = train(digits_dir, tmp_path / "run", mode="auto", ft_epochs=200, ft_patience=200, time_limit=60,
                 image_size=64, workers=0, quiet=True, diagnose=False, recipe="single")
@@ -69,6 +71,7 @@ def test_time_limit_plans_the_epochs(digits_dir, tmp_path):
     assert res.metrics["finetune"]["validations"]  # every validation pass is recorded
 
 
+@pytest.mark.slow
 def test_the_deadline_stops_a_run_the_plan_thought_would_fit(digits_dir, tmp_path, monkeypatch):
     import transferlab.planning as planning
     import transferlab.training.plan as plan_mod
@@ -99,6 +102,7 @@ def test_the_deadline_stops_a_run_the_plan_thought_would_fit(digits_dir, tmp_pat
     assert load_model(res.model_dir).classes == [str(i) for i in range(10)]
 
 
+@pytest.mark.slow
 def test_simple_cnn_from_scratch_and_compare_table(digits_dir, tmp_path):
     from transferlab.compare import compare
 
@@ -117,6 +121,7 @@ def test_simple_cnn_from_scratch_and_compare_table(digits_dir, tmp_path):
     assert cfg["backbone"]["pretrained"] is False
 
 
+@pytest.mark.slow
 def test_vgg16_seed_head_shape_at_250():
     bb, info = create_backbone("vgg16", pretrained=False, image_size=250)
     head = build_head(info.num_features, 5, hidden=(1024, 1024, 4096), dropout=0.5)
@@ -125,6 +130,7 @@ def test_vgg16_seed_head_shape_at_250():
     assert info.num_features == 4096 and out.shape == (1, 5)
 
 
+@pytest.mark.slow
 def test_head_mode_with_cut_stage_and_aug_views(digits_dir, tmp_path):
     res = train(digits_dir, tmp_path / "cut", mode="head", cut_stage=4, aug_views=2, augment="light", quiet=True, diagnose=False,
                 epochs=5, image_size=96)
@@ -136,6 +142,7 @@ def test_head_mode_with_cut_stage_and_aug_views(digits_dir, tmp_path):
     assert again.metrics["timing"]["features_computed"] == 0
 
 
+@pytest.mark.slow
 def test_lr_find_writes_plot(digits_dir, tmp_path, capsys):
     from transferlab.cli import main
 
@@ -155,6 +162,7 @@ def test_time_limit_parsing():
         parse_duration("soon")
 
 
+@pytest.mark.slow
 def test_the_time_limit_counts_from_the_process_start_imports_included():
     code = ("import time; time.sleep(1.0); t = time.time(); from transferlab.cli.common import process_started_at; "
             "print(t - process_started_at())")
@@ -163,6 +171,7 @@ def test_the_time_limit_counts_from_the_process_start_imports_included():
     assert (1.0 if sys.platform.startswith("linux") else 0.0) <= waited < 120
 
 
+@pytest.mark.slow
 def test_stride4_stages_stay_frozen_in_finetuning():
     import timm
 
@@ -236,6 +245,7 @@ def test_a_batch_whose_every_file_fails_to_decode_is_skipped(digits_dir, tmp_pat
     assert res.epochs_run == 1 and res.validations
 
 
+@pytest.mark.slow
 def test_finetuning_without_validation_images_selects_on_the_training_loss(digits_dir, tmp_path):
     """The data module gives the Trainer no validation loader when there are no validation images: the run
     trains, monitors its training loss and keeps its weights."""

@@ -63,6 +63,7 @@ def test_a_training_step_learns_the_mixed_targets_and_an_odd_batch_trains_plain(
     assert mixer.calls == 1 and torch.allclose(val, F.cross_entropy(model(x), y))
 
 
+@pytest.mark.slow
 def test_finetuning_on_mixed_batches_trains_and_says_so(digits_dir, tmp_path):
     from transferlab.backbones import build_head, create_backbone
     from transferlab.backbones.models import Classifier

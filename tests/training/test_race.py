@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -89,6 +90,10 @@ def test_the_registry_is_the_one_list_of_recipes(monkeypatch):
 
     assert recipes.recipe_names() == ("recipe", "bn-adapt", "orient", "transfer", "scratch")
     assert [r.name for r in recipes.RECIPES.values() if not r.from_head] == ["transfer", "scratch"]
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = [line.strip() for line in readme.splitlines()
+            if line.strip().startswith("| `") and line.strip().split("`")[1] in recipes.RECIPES]
+    assert rows == [f"| `{r.name}` | {r.description} |" for r in recipes.RECIPES.values()]  # README's list
     monkeypatch.setattr(recipes, "RECIPES", dict(recipes.RECIPES))
     recipes.register_recipe(Recipe("low-lr", "the recipe at a tenth of the rate", options={"lr": 1e-4}))
     TrainConfig(candidates=("low-lr",)).validate()  # a registered recipe is a valid candidate at once
@@ -135,6 +140,7 @@ def test_the_budget_says_why_the_run_ended_where_it_did():
     assert budget_record(None, 60.0, None)["unused_s"] is None
 
 
+@pytest.mark.slow
 def test_a_race_on_tiny_data_records_every_candidate(digits_dir, tmp_path, monkeypatch):
     """Three recipes raced end to end, one of them registered here in one line: each trains with its own
     options, and the race is recorded in metrics.json, plan.json, config.json and the report."""
@@ -172,6 +178,7 @@ def test_a_race_on_tiny_data_records_every_candidate(digits_dir, tmp_path, monke
     assert not (res.run_dir / "race").exists()  # the rungs leave no checkpoints behind
 
 
+@pytest.mark.slow
 def test_a_run_whose_budget_fits_no_fine_tuning_still_trains_something(digits_dir, tmp_path, monkeypatch):
     """Full Fashion-MNIST in 5 minutes: the race skipped the head (transfer against scratch), then the plan
     found no room for an epoch of the pretrained network, and nothing trained. The scratch CNN alone trains
@@ -191,6 +198,7 @@ def test_a_run_whose_budget_fits_no_fine_tuning_still_trains_something(digits_di
     assert any("head is trained instead" in r for r in res.metrics["plan"]["reasons"])
 
 
+@pytest.mark.slow
 def test_recipe_single_keeps_the_one_recipe(digits_dir, tmp_path):
     from transferlab.pipeline import train
 
@@ -199,6 +207,7 @@ def test_recipe_single_keeps_the_one_recipe(digits_dir, tmp_path):
     assert res.metrics["strategy"] is None and res.metrics["finetune"]["epochs_run"] >= 1
 
 
+@pytest.mark.slow
 def test_a_scratch_winner_is_one_network_that_predicts_and_exports(digits_dir, tmp_path):
     from transferlab.export import export_model
     from transferlab.pipeline import train
