@@ -87,7 +87,8 @@ def digits_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, digits_dir):
-    """One head-mode run on the small digits set, shared by artifact and prediction tests."""
+    """One head-mode run on the small digits set (at the backbone's 224 px, where the open-set and TTA tests'
+    expectations hold), shared by the tests that read a run, its artifact or its predictions."""
     from transferlab.pipeline import train
 
     return train(digits_dir, tmp_path_factory.mktemp("run") / "run", mode="head", quiet=True)

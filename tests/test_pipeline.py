@@ -47,11 +47,13 @@ def test_run_directory_and_metrics_keys(trained_run):
 @pytest.mark.slow
 def test_second_run_hits_cache_without_forward(digits_dir, tmp_path, monkeypatch):
     cache = tmp_path / "cache"  # knn: no head to fit, this test is about the cache
-    first = train(digits_dir, tmp_path / "r1", mode="knn", quiet=True, diagnose=False, cache_dir=str(cache))
+    first = train(digits_dir, tmp_path / "r1", mode="knn", quiet=True, diagnose=False, cache_dir=str(cache),
+                  image_size=64)
     calls = []
     original = FeatureExtractor.forward
     monkeypatch.setattr(FeatureExtractor, "forward", lambda self, b: calls.append(len(b)) or original(self, b))
-    second = train(digits_dir, tmp_path / "r2", mode="knn", quiet=True, diagnose=False, cache_dir=str(cache))
+    second = train(digits_dir, tmp_path / "r2", mode="knn", quiet=True, diagnose=False, cache_dir=str(cache),
+                   image_size=64)
     assert calls == []
     t1, t2 = first.metrics["timing"], second.metrics["timing"]
     assert t1["features_computed"] == 200 and t1["features_cached"] == 0
@@ -106,8 +108,8 @@ def test_bad_files_are_reported_with_or_without_a_cache(digits_dir, tmp_path, ca
 
 @pytest.mark.slow
 def test_same_seed_same_metrics(digits_dir, tmp_path):
-    a = train(digits_dir, tmp_path / "a", mode="head", quiet=True, diagnose=False, epochs=5, seed=7)
-    b = train(digits_dir, tmp_path / "b", mode="head", quiet=True, diagnose=False, epochs=5, seed=7)
+    a = train(digits_dir, tmp_path / "a", mode="head", quiet=True, diagnose=False, epochs=5, seed=7, image_size=64)
+    b = train(digits_dir, tmp_path / "b", mode="head", quiet=True, diagnose=False, epochs=5, seed=7, image_size=64)
     assert (tmp_path / "a" / "split.csv").read_text() == (tmp_path / "b" / "split.csv").read_text()
     assert a.metrics["test"]["accuracy"] == b.metrics["test"]["accuracy"]
     assert a.metrics["val"]["confusion_matrix"] == b.metrics["val"]["confusion_matrix"]
@@ -178,7 +180,7 @@ def test_presplit_layout_is_used_exactly(tmp_path):
             (root / split / label_dir.name).mkdir(parents=True)
             for f in chunk:
                 shutil.copy(f, root / split / label_dir.name / f.name)
-    res = train(root, tmp_path / "run", mode="head", quiet=True, diagnose=False, epochs=3)
+    res = train(root, tmp_path / "run", mode="head", quiet=True, diagnose=False, epochs=3, image_size=64)
     rows = list(csv.DictReader(open(tmp_path / "run" / "split.csv")))
     assert len(rows) == 100
     for r in rows:
@@ -208,7 +210,7 @@ def test_mlp_head_and_class_weights(digits_dir, tmp_path, monkeypatch):
     fit_head = tasks.fit_head
     monkeypatch.setattr(tasks, "fit_head", lambda *a, **k: seen.append(a[5]) or fit_head(*a, **k))
     res = train(data, tmp_path / "mlp", mode="head", quiet=True, epochs=3, head=(64, 32), dropout=0.2,
-                balance="weights", diagnose=False)
+                balance="weights", diagnose=False, image_size=64)
     assert "learning_curve" not in res.metrics and not (tmp_path / "mlp" / "label_issues.csv").exists()
     weights = seen[0].class_weights
     classes = json.loads((res.model_dir / "config.json").read_text())["classes"]
@@ -224,7 +226,8 @@ def test_mlp_head_and_class_weights(digits_dir, tmp_path, monkeypatch):
 def test_cache_cli_info_and_clear(tmp_path, digits_dir, capsys):
     from transferlab.cli import main
 
-    train(digits_dir, tmp_path / "r", mode="head", quiet=True, diagnose=False, epochs=2, cache_dir=str(tmp_path / "c"))
+    train(digits_dir, tmp_path / "r", mode="head", quiet=True, diagnose=False, epochs=2, cache_dir=str(tmp_path / "c"),
+          image_size=64)
     assert main(["cache", "info", "--cache-dir", str(tmp_path / "c"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["namespaces"][0]["entries"] == 200

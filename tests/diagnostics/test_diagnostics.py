@@ -229,7 +229,7 @@ def test_knn_mode_add_and_remove_class(digits_dir, tmp_path, capsys):
     from transferlab.predict import load_model
 
     data = _subset(digits_dir, tmp_path / "eight", [str(i) for i in range(8)])
-    res = train(data, tmp_path / "knn", mode="knn", quiet=True, diagnose=False)
+    res = train(data, tmp_path / "knn", mode="knn", quiet=True, diagnose=False, image_size=64)
     cfg = json.loads((res.model_dir / "config.json").read_text())
     assert cfg["head"]["kind"] == "prototypes" and cfg["head"]["scale"] > 0
     assert res.metrics["test"]["accuracy"] > 0.6  # eight classes: chance is 0.125
@@ -255,7 +255,7 @@ def test_add_class_refits_a_linear_head(digits_dir, tmp_path):
     from transferlab.predict import load_model
 
     data = _subset(digits_dir, tmp_path / "eight", [str(i) for i in range(8)])
-    res = train(data, tmp_path / "head", mode="head", quiet=True, diagnose=False)
+    res = train(data, tmp_path / "head", mode="head", quiet=True, diagnose=False, image_size=64)
     change = add_class(res.model_dir, digits_dir / "9", quiet=True)
     assert change.classes[-1] == "9" and "refitted" in change.how and change.val_accuracy > 0.5
     cfg = json.loads((res.model_dir / "config.json").read_text())

@@ -94,8 +94,9 @@ def test_explain_and_summary(trained_run, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     from PIL import Image
 
-    assert Image.open(tmp_path / "heat.png").size == (224, 224) and res["label"] in [str(i) for i in range(10)]
+    size = json.loads((trained_run.model_dir / "config.json").read_text())["preprocessing"]["size"]
+    assert Image.open(tmp_path / "heat.png").size == (size, size) and res["label"] in [str(i) for i in range(10)]
     assert main(["summary", str(trained_run.model_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["backbone"] == "efficientnet_lite0" and info["input_size"] == 224
+    assert info["backbone"] == "efficientnet_lite0" and info["input_size"] == size == 224
     assert info["parameters_total"] > info["parameters_trainable"] > 0 and info["stages"] >= 5
