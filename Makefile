@@ -19,7 +19,7 @@ demo: install
 	$(VENV)/bin/transferlab demo
 
 test: install-test
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --durations=15
 
 clean:
 	rm -rf build dist src/*.egg-info .pytest_cache

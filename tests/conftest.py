@@ -15,6 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs in two worker processes: one thread of compute each (their own children inherit it), so
+    # that the two share the cores instead of oversubscribing them
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 #: Fixtures that train a network: a test that reads one is end to end, whatever its own cost.
 TRAINED_FIXTURES = {"trained_run", "single_head_run"}
