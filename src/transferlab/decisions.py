@@ -8,7 +8,7 @@ reasons in the plan.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from .training.recipes import Recipe, get_recipe
@@ -31,7 +31,7 @@ class Decision:
     finetune: bool
     candidates: tuple[Recipe, ...] = ()
     notes: tuple[str, ...] = ()
-    reasons: tuple[str, ...] = field(default=())
+    reasons: tuple[str, ...] = ()
 
 
 def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = ()) -> list[Recipe]:

@@ -1,13 +1,14 @@
 """The training strategy: which recipes to try on this data, the race between them, and the survivor's run.
 
 A practitioner with fifteen minutes tries the few things that usually work, looks at validation early,
-drops what does not pay and spends the rest on the winner. :func:`~transferlab.decisions.portfolio` proposes the candidates
-(recipes of :mod:`transferlab.training.recipes`) from the data's resolution and size and the backbone;
-:func:`run_strategy` races them with successive halving (:mod:`transferlab.training.race`) and trains the
-survivor with the rest of the budget. With a time limit the survivor's one-cycle schedule fills the budget
-and runs to its end, keeping its final weights; without one, early stopping on validation ends it and its
-best validated weights are kept. A fine-tuning that never beats the head it started from leaves the head
-in place. Why these defaults: BENCHMARKS.md, "The race of training recipes".
+drops what does not pay and spends the rest on the winner. :func:`~transferlab.decisions.portfolio`
+proposes the candidates (recipes of :mod:`transferlab.training.recipes`) from the data's resolution and
+size and the backbone; :func:`run_strategy` races them with successive halving
+(:mod:`transferlab.training.race`) and trains the survivor with the rest of the budget. With a time limit
+the survivor's one-cycle schedule fills the budget and runs to its end, keeping its final weights; without
+one, early stopping on validation ends it and its best validated weights are kept. A fine-tuning that
+never beats the head it started from leaves the head in place. Why these defaults: BENCHMARKS.md, "The
+race of training recipes".
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def parse_duration(text: Optional[str]) -> Optional[float]:
 
 #: How a train option's command-line value becomes its TrainConfig field's (the rest are taken as they are).
 _FROM_FLAG = {
-    "head": csv_ints, "top_k": csv_ints, "time_limit": lambda v: parse_duration(v),
+    "head": csv_ints, "top_k": csv_ints, "time_limit": parse_duration,
     "candidates": lambda v: tuple(c.strip() for c in v.split(",") if c.strip()) if v else (),
     "grad_clip": lambda v: v or None, "allow_download": lambda v: v or None,
     "weights": lambda v: str(v) if v else None, "cache_dir": lambda v: str(v) if v else None,

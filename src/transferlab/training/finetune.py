@@ -13,7 +13,7 @@ A schedule of :data:`MIXUP_MIN_EPOCHS` epochs or more trains on mixed batches (:
 either MixUp (alpha 0.2) or CutMix (alpha 1.0) of itself, timm's ``Mixup`` with its label smoothing, because
 many epochs over a small set overfit; a short schedule keeps plain batches, as mixing slows what little
 training it has (fastai: MixUp needs more epochs). The figures behind each choice: BENCHMARKS.md,
-"fine-tuning's defaults".
+"Figures behind the defaults".
 """
 
 from __future__ import annotations
