@@ -186,3 +186,6 @@ def test_multilabel_refuses_options_without_a_meaning(tmp_path, multilabel_manif
 
     with pytest.raises(ConfigError, match="knn"):
         train(multilabel_manifest, tmp_path / "knn", mode="knn", quiet=True, image_size=64)
+    with pytest.raises(ConfigError, match="--candidates"):  # the race ranks recipes by single-label accuracy
+        train(multilabel_manifest, tmp_path / "race", candidates=("recipe", "orient"), quiet=True, image_size=64)
+    assert not (tmp_path / "race").exists()  # refused before anything was written

@@ -111,12 +111,14 @@ class MultiLabel(Task):
 
     def check(self, cfg: TrainConfig) -> None:
         refused = {"mode knn": cfg.mode == "knn", "--head widths (an MLP)": bool(cfg.head),
-                   "--aug-views": cfg.aug_views > 0, "--balance sampler": cfg.balance == "sampler"}
+                   "--aug-views": cfg.aug_views > 0, "--balance sampler": cfg.balance == "sampler",
+                   "--candidates": bool(cfg.candidates)}
         bad = [k for k, v in refused.items() if v]
         if bad:
             raise ConfigError(f"{', '.join(bad)}: not available for a multi-label task; a multi-label model has a "
-                              "linear sigmoid head, and --balance weights weighs each label's positives by its "
-                              "rarity.")
+                              "linear sigmoid head, --balance weights weighs each label's positives by its "
+                              "rarity, and the single fine-tuning recipe trains (the race ranks recipes by "
+                              "single-label accuracy).")
 
     def new_head(self, n_features: int, n_classes: int, cfg: TrainConfig) -> nn.Module:
         return build_head(n_features, n_classes)
