@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -186,12 +187,15 @@ def test_a_run_whose_budget_fits_no_fine_tuning_still_trains_something(digits_di
     import transferlab.pipeline as pipeline
 
     plan_finetune = pipeline.plan_finetune
+    # no fine-tuning fits; the plan's epochs (3) are what the fallback trains, so that the loss can be seen falling
     monkeypatch.setattr(pipeline, "plan_finetune", lambda *a, **k: dataclasses.replace(
-        plan_finetune(*a, **k), finetune=False, epochs=0.0))
+        plan_finetune(*a, **k), finetune=False, epochs=3.0))
     opts = dict(mode="auto", image_size=64, workers=0, quiet=True, diagnose=False)
     res = pipeline.train(digits_dir, tmp_path / "scratch", candidates=("transfer", "scratch"), **opts)
-    assert res.metrics["strategy"]["winner"] == "scratch" and res.metrics["finetune"]["epochs_run"] >= 1
+    assert res.metrics["strategy"]["winner"] == "scratch" and res.metrics["finetune"]["epochs_run"] == 3
     assert any("scratch CNN alone" in r for r in res.metrics["plan"]["reasons"])
+    rows = [r for r in csv.DictReader(open(res.run_dir / "logs" / "history.csv")) if r["phase"] == "finetune"]
+    assert len(rows) == 3 and float(rows[-1]["train_loss"]) < 0.8 * float(rows[0]["train_loss"])  # it learned
     assert res.metrics["test"]["accuracy"] is not None
     res = pipeline.train(digits_dir, tmp_path / "head", candidates=("transfer",), **opts)
     assert res.metrics["finetune"] is None and res.metrics["test"]["accuracy"] > 0.5  # the head: 10 classes
