@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .stages import Prepared, Trained
     from .training.plan import Plan
 
-__all__ = ["RunResult", "finish_single_label", "finetune_record", "jsonable", "run_timing", "n_images"]
+__all__ = ["RunResult", "finish_single_label", "finetune_record", "jsonable", "run_timing"]
 
 
 @dataclass
@@ -56,11 +56,6 @@ def finetune_record(ft: FinetuneResult | None, seconds: float) -> dict[str, Any]
     if ft is None:
         return None
     return {"seconds": round(seconds, 2), **ft.to_record()}
-
-
-def n_images(t: Trained) -> dict[str, int]:
-    """Images per split that the run used."""
-    return {s: int(sum(1 for x in t.ds.samples if x.split == s)) for s in ("train", "val", "test")}
 
 
 def run_timing(p: Prepared, t: Trained) -> tuple[dict[str, Any], float]:
@@ -94,7 +89,7 @@ def finish_single_label(p: Prepared, t: Trained, plan: Plan | None) -> RunResult
     write_split_csv(ds.samples, run / "split.csv")
     write_skipped_csv(p.skipped, run / "skipped.csv")
     calibration, val_before = _calibrate(results)
-    counts = n_images(t)
+    counts = ds.split_sizes()
     timing, total_s = run_timing(p, t)
     warnings = list(p.notes)
     budget = budget_record(cfg.time_limit, total_s, ft, cfg.ft_patience)

@@ -20,7 +20,7 @@ from .data.scan import Dataset, Sample, Skipped
 from .data.split import write_skipped_csv, write_split_csv
 from .errors import DataError
 from .evaluation.multilabel import MultiLabelResult, write_multilabel_outputs
-from .finish import RunResult, finetune_record, jsonable, n_images, run_timing
+from .finish import RunResult, finetune_record, jsonable, run_timing
 from .predict import Predictor
 from .sharing import distributed_record
 from .training.multilabel import label_matrix, tune_thresholds
@@ -42,7 +42,7 @@ def finish_multilabel(p: Prepared, t: Trained, plan: Plan | None) -> RunResult:
         np.full(len(classes), 0.5)
     write_split_csv(ds.samples, run / "split.csv", ds.task)
     write_skipped_csv(p.skipped, run / "skipped.csv")
-    counts = n_images(t)
+    counts = ds.split_sizes()
     warnings = list(p.notes)
     if val is None or not len(val.y_true):
         warnings.append("no validation images: every label's threshold is 0.5 (not tuned).")

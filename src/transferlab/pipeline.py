@@ -71,9 +71,9 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     """
     p = prepare(data, out, config, resume=resume, started_at=started_at, overwrite=overwrite, **overrides)
     cfg, world = p.cfg, p.world
-    n_train = sum(1 for s in p.ds.samples if s.split == "train")
     decision = decide(mode=cfg.mode, recipe=cfg.recipe, candidates=cfg.candidates, pretrained=p.info.pretrained,
-                      task=p.task.name, distributed=world.active, native=native_size(p.ds.infos), n_train=n_train)
+                      task=p.task.name, distributed=world.active, native=native_size(p.ds.infos),
+                      n_train=p.ds.split_sizes()["train"])
     _warn(p, decision.notes)
     plan = shared_plan(world, lambda: plan_run(p.ds, cfg, p.backbone, p.info, decision.finetune, p.wall_start))
     plan = replace(plan, reasons=[*plan.reasons, *decision.reasons])

@@ -23,10 +23,6 @@ __all__ = ["plan_run", "plan_finetune", "head_seconds"]
 log = logging.getLogger("transferlab")
 
 
-def _counts(ds: Dataset) -> dict[str, int]:
-    return {sp: sum(1 for s in ds.samples if s.split == sp) for sp in ("train", "val", "test")}
-
-
 def _trainable(model: Classifier, info: BackboneInfo, frozen_stride: int) -> list[Any]:
     stages = backbone_stages(model.backbone)
     frozen = early_stages(model.backbone, stages, info.preprocessing.size, frozen_stride) if info.pretrained else 0
@@ -40,7 +36,7 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
     ``cfg`` is the run's :class:`~transferlab.config.TrainConfig`; ``started_at`` the ``time.time()``
     from which its ``time_limit`` counts.
     """
-    n = _counts(ds)
+    n = ds.split_sizes()
     native = native_size(ds.infos)
     default = info.preprocessing.size
     if cfg.image_size:
@@ -76,7 +72,7 @@ def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: Ba
     """The plan again before fine-tuning, on costs measured at the chosen size (a few training steps,
     and the extraction just done: ``stats``, the head stage's :class:`~transferlab.stages.HeadStats`) and
     with the time actually left."""
-    n = _counts(ds)
+    n = ds.split_sizes()
     train_paths = [s.path for s in ds.samples if s.split == "train"]
     costs = measure_costs(model, info.preprocessing, [plan.image_size], sample_paths(train_paths, seed=cfg.seed),
                           batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride),

@@ -9,6 +9,7 @@ fine-tuning and evaluation); rank 0 alone fits the head, and the pipeline lets i
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from dataclasses import dataclass, field, replace
@@ -218,8 +219,6 @@ def finetune_stage(p: Prepared, t: Trained, decision: Decision, plan: Plan,
 
 def _saved_winner(run: Path) -> str | None:
     """The race's survivor recorded in an interrupted run's ``plan.json`` (``None``: none recorded)."""
-    import json
-
     path = run / "plan.json"
     race = json.loads(path.read_text(encoding="utf-8")).get("race") if path.is_file() else None
     return (race or {}).get("winner")

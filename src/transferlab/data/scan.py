@@ -70,6 +70,10 @@ class Dataset:
     infos: dict[str, ImageInfo] = field(default_factory=dict, repr=False)
     task: str = "single"  # or "multilabel"
 
+    def split_sizes(self) -> dict[str, int]:
+        """Images in each split: ``{"train": n, "val": n, "test": n}``."""
+        return {sp: sum(1 for s in self.samples if s.split == sp) for sp in ("train", "val", "test")}
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class and split: ``{label: {split: n}}`` (split ``"all"`` before splitting); a
         multi-label image counts once under each of its labels."""
