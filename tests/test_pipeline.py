@@ -394,6 +394,7 @@ FLAG_WINS = {
     "workers": (1, ["--workers", "0"], 0),
     "device": ("cuda", ["--device", "cpu"], "cpu"),
     "mixed_precision": (True, ["--no-amp"], False),
+    "engine": ("torch", ["--engine", "onnxruntime"], "onnxruntime"),
     "quiet": (False, ["-q"], True),
     "top_k": ([1, 2], ["--top-k", "1,4"], (1, 4)),
     "dedupe": (False, ["--dedupe"], True),

@@ -57,6 +57,8 @@ class TrainConfig:
         ``single`` or ``multilabel`` (sigmoid outputs, binary cross-entropy, per-label thresholds; class
         folders then may hold the same image under several labels).
     devices / strategy / num_nodes / accelerator: Lightning's, for fine-tuning (``ddp`` over several).
+    engine: what runs the frozen backbone's forward passes: ``auto`` (the faster of PyTorch and ONNX Runtime
+        on this CPU, measured once), ``torch`` or ``onnxruntime``; training itself runs on PyTorch.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -101,6 +103,7 @@ class TrainConfig:
     workers: int | None = None
     device: str | None = None
     mixed_precision: bool = True
+    engine: str = "auto"
     quiet: bool = False
     top_k: tuple[int, ...] = (1, 3, 5)
     dedupe: bool = False
@@ -113,6 +116,7 @@ class TrainConfig:
         """Check values; raises :class:`ConfigError` quoting the bad value."""
         from .data.scan import TASKS
         from .data.transforms import AUGMENT_PRESETS
+        from .engines import engine_name
         from .training.recipes import recipe_names
 
         if self.task not in TASKS:
@@ -125,6 +129,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"candidates {', '.join(map(repr, unknown))}: expected some of "
                               f"{', '.join(recipe_names())} (the registered recipes).")
+        self.engine = engine_name(self.engine)
         if self.balance not in BALANCE:
             raise ConfigError(f"balance {self.balance!r}: expected one of {', '.join(BALANCE)}.")
         if self.ft_mixup not in MIXUP_CHOICES:

@@ -19,10 +19,11 @@ __all__ = ["evaluate"]
 
 
 def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
-             *, split: str | None = None, workers: int | None = None) -> dict[str, Any]:
+             *, split: str | None = None, workers: int | None = None, engine: str = "auto") -> dict[str, Any]:
     """Evaluate a saved model on a labelled folder (every image, or only ``split`` of a pre-split one)
-    and write metrics.json, plots, predictions.csv and report.html into ``out``."""
-    predictor = load_model(model, engine="torch")  # the report needs the network (Grad-CAM)
+    and write metrics.json, plots, predictions.csv and report.html into ``out``. ``engine`` runs the
+    backbone for the probabilities; the report's Grad-CAM uses the PyTorch network."""
+    predictor = load_model(model, engine=engine)
     ds = scan(data, task="multilabel" if predictor.multilabel else "single")
     samples = [s for s in ds.samples if split is None or s.split == split]
     predictor.workers = default_workers() if workers is None else workers

@@ -32,7 +32,7 @@ from .data.images import load_image
 from .data.transforms import EvalTransform
 from .errors import ArtifactError, ConfigError, ExportError
 
-__all__ = ["export_model", "checked_onnx_export", "int8_verdict", "describe_int8", "ProbabilityModel", "FORMATS"]
+__all__ = ["export_model", "int8_verdict", "describe_int8", "ProbabilityModel", "FORMATS"]
 
 FORMATS = ("onnx", "torchscript")
 FP32_TOLERANCE = 1e-4
@@ -200,21 +200,6 @@ def export_model(model: str | os.PathLike[str], fmt: str = "onnx", out: str | os
                           f"got {figures} on {check_source}{'; ' + check['precision'] if int8 else ''}; the file was "
                           f"removed ({out_path}.check.json has the figures)")
     return check
-
-
-def checked_onnx_export(model_dir: str | os.PathLike[str]) -> Path | None:
-    """The fp32 ONNX export beside an artifact, if its check passed and it was made from these weights."""
-    try:
-        artifact = open_artifact(model_dir)
-        cfg, onnx_path = artifact.config, artifact.file("model.onnx")
-        check = json.loads(Path(str(onnx_path) + ".check.json").read_text(encoding="utf-8"))
-    except (ArtifactError, OSError, ValueError):
-        return None
-    fresh = check.get("weights_sha256") is not None and check.get("weights_sha256") == cfg.get("weights_sha256")
-    if not (onnx_path.is_file() and check.get("passed") is True and fresh):
-        return None
-    # the file itself is the one that was checked (a stranger's folder may carry a swapped model.onnx)
-    return onnx_path if check.get("sha256") == file_digest(onnx_path) else None
 
 
 def describe_int8(v: dict[str, Any]) -> str:

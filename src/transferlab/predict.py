@@ -22,12 +22,12 @@ from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
 from .data.transforms import EvalTransform, Preprocessing
 from .errors import ConfigError
-from .export import checked_onnx_export
+from .engines import Engine, EngineChoice, engine_name, open_engine
 from .probability import sigmoid, softmax
-from .runtime import FrozenGraph, autocast, cpu_has_bf16, pick_device, prepare_model, to_device_batch
+from .runtime import pick_device, prepare_model
 
 __all__ = ["Predictor", "OnnxPredictor", "Prediction", "load_model", "expand_paths",
-           "onnx_pays", "ENGINES", "decide_row", "write_predictions", "explain"]
+           "decide_row", "write_predictions", "explain"]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -99,19 +99,20 @@ def expand_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
 
 
 class Predictor:
-    """Runs a :class:`Classifier` the same way evaluation does: features in channels_last under bf16
-    autocast where supported, the head in fp32, softmax with the stored temperature.
+    """Runs a :class:`Classifier` the same way evaluation does: the backbone on the engine
+    :func:`~transferlab.engines.open_engine` chooses (``engine``: ``auto``, ``torch`` or ``onnxruntime``),
+    the head in fp32 PyTorch, softmax with the stored temperature.
 
     Example:
         >>> model = load_model("runs/demo/model")  # doctest: +SKIP
         >>> model.predict(["cat.jpg"], top_k=3)[0].label  # doctest: +SKIP
     """
 
-    engine = "torch"
     openset = None  # the artifact's open-set scorer (load_model sets it)
 
     def __init__(self, model: Classifier, config: dict[str, Any], device: str | None = None,
-                 mixed_precision: bool = True, batch_size: int = 32, workers: int = 0, keep_memory: bool = True) -> None:
+                 mixed_precision: bool = True, batch_size: int = 32, workers: int = 0, keep_memory: bool = True,
+                 engine: str = "auto") -> None:
         self.config = config
         self.classes: list[str] = list(config["classes"])
         self.preprocessing = Preprocessing.from_dict(config["preprocessing"])
@@ -121,16 +122,44 @@ class Predictor:
         self.mixed_precision = mixed_precision
         self.batch_size, self.workers = batch_size, workers
         self.model = prepare_model(model.eval(), self.device, keep_memory=keep_memory)
-        self.graph = FrozenGraph(torch.nn.Sequential(self.model.normalize, self.model.backbone), self.device,
-                                 mixed_precision)
         self.transform = EvalTransform(self.preprocessing)
+        self.engine_request = engine_name(engine)
+        self._engine: Engine | None = None
+        self._choice: EngineChoice | None = None
+
+    @property
+    def backbone_engine(self) -> Engine:
+        """The engine that runs the frozen backbone (chosen on first use); the head runs in PyTorch."""
+        if self._engine is None:
+            bb = self.config.get("backbone") or {}
+            key = str(bb.get("timm_name") or bb.get("name") or "backbone")
+            key += f"-cut{bb['cut_stage']}" if bb.get("cut_stage") else ""
+            self._engine, self._choice = open_engine(torch.nn.Sequential(self.model.normalize, self.model.backbone),
+                                                    key, self.preprocessing.size, engine=self.engine_request,
+                                                    device=self.device, mixed_precision=self.mixed_precision)
+        return self._engine
+
+    @property
+    def engine(self) -> str:
+        """``torch`` or ``onnxruntime``: what runs the backbone."""
+        return self.backbone_engine.name
+
+    def use_engine(self, name: str, reason: str) -> None:
+        """Run the backbone on ``name`` from now on (a distributed run takes rank 0's engine)."""
+        self.engine_request, self._engine = engine_name(name), None
+        self.choice.reason = reason
+
+    @property
+    def choice(self) -> EngineChoice:
+        """Which engine runs the backbone and why."""
+        self.backbone_engine
+        assert self._choice is not None
+        return self._choice
 
     @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Logits and pooled features (float32) of a uint8 NCHW batch."""
-        x = to_device_batch(batch, self.device)
-        with autocast(self.device, self.mixed_precision):
-            feats = self.graph(x).float()
+        feats = self.backbone_engine(batch).float().to(self.device)
         return self.model.head(feats).float().cpu().numpy(), feats.cpu().numpy()
 
     def logits(self, batch: torch.Tensor) -> np.ndarray:
@@ -168,8 +197,8 @@ class Predictor:
     def predict_scores(self, inputs: Sequence[ImageInput], calibrated: bool = True, tta: bool = False,
                        open_set: bool = True) -> tuple[np.ndarray, list[str | None], np.ndarray | None]:
         """:meth:`predict_proba` plus the open-set score of each input (``None`` when the model has no
-        open-set scorer, the engine is ONNX, or ``open_set`` is False)."""
-        want = open_set and self.openset is not None and self.engine == "torch"
+        open-set scorer, the model is an exported ONNX file, or ``open_set`` is False)."""
+        want = open_set and self.openset is not None
         scores = np.full(len(inputs), np.nan) if want else None
         probs = np.full((len(inputs), len(self.classes)), np.nan)
         errors: list[str | None] = [None] * len(inputs)
@@ -223,14 +252,10 @@ class Predictor:
         them all) in ``labels``.
 
         Raises:
-            ConfigError: ``open_set`` on a model without an open-set scorer or on the ONNX engine."""
-        if open_set and (self.openset is None or self.engine != "torch"):
-            from .errors import ConfigError
-
-            why = "the ONNX engine has no features to score (use --engine torch)" if self.engine != "torch" else \
-                "this model has no open-set scorer (train it again; it needs a validation split and a backbone " \
-                "that was not fine-tuned)"
-            raise ConfigError(f"--open-set: {why}.")
+            ConfigError: ``open_set`` on a model without an open-set scorer (an exported ONNX file has none)."""
+        if open_set and self.openset is None:
+            raise ConfigError("--open-set: this model has no open-set scorer (train it again; it needs a validation "
+                              "split and a backbone that was not fine-tuned; an exported ONNX file has none).")
         probs, errors, scores = self.predict_scores(inputs, calibrated, tta, open_set)
         out = []
         for i, x in enumerate(inputs):
@@ -247,46 +272,28 @@ class Predictor:
         return out
 
 
-ENGINES = ("auto", "torch", "onnx")
-
-
-def onnx_pays(device: str | None, mixed_precision: bool) -> bool:
-    """Whether ONNX Runtime beats the PyTorch path here: on a CPU that runs the network in fp32.
-
-    Measured on this project's machine (bench/bench_speed.py, batch throughput): ONNX Runtime fp32 is
-    1.4-1.7x the PyTorch fp32 path, but no faster than PyTorch's bf16 path where the CPU has native bf16."""
-    return pick_device(device).type == "cpu" and not (mixed_precision and cpu_has_bf16())
-
-
 def load_model(path: str | os.PathLike[str], device: str | None = None, mixed_precision: bool = True,
                engine: str = "auto", keep_memory: bool = True) -> Predictor:
     """Load an artifact directory (or an ONNX file exported by transferlab) as a :class:`Predictor`.
 
-    ``engine``: ``torch``, ``onnx`` (the directory's checked ``model.onnx`` export), or ``auto``
-    (default): ONNX Runtime when the directory has a checked export made from its current weights and
-    :func:`onnx_pays` on this machine, else PyTorch. ``keep_memory=False`` leaves the C allocator as it is
-    (a long-lived service; see :func:`~transferlab.runtime.keep_freed_memory`).
+    ``engine`` runs the artifact's backbone: ``torch``, ``onnxruntime`` (an fp32 graph built from the
+    artifact's weights and cached), or ``auto`` (default): the faster of the two on this CPU, measured once.
+    An exported ``.onnx`` file always runs on ONNX Runtime. ``keep_memory=False`` leaves the C allocator as
+    it is (a long-lived service; see :func:`~transferlab.runtime.keep_freed_memory`).
 
     Raises:
-        ArtifactError: missing files, unknown format version, tensors that do not fit, or
-            ``engine="onnx"`` without a checked export.
+        ArtifactError: missing files, unknown format version, tensors that do not fit.
+        ConfigError: an unknown engine, or ``torch`` for an exported ONNX file.
     """
-    from .errors import ArtifactError, ConfigError
-
-    if engine not in ENGINES:
-        raise ConfigError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}.")
+    name = engine_name(engine)
     if str(path).lower().endswith(".onnx"):
+        if name == "torch":
+            raise ConfigError(f"'{path}' is an ONNX file: it runs on ONNX Runtime (use the model directory for "
+                              "--engine torch).")
         return OnnxPredictor(path)
-    if engine != "torch" and Path(path).is_dir():
-        exported = checked_onnx_export(path)
-        if engine == "onnx" and exported is None:
-            raise ArtifactError(f"'{path}' has no checked ONNX export made from its current weights; run "
-                                f"`transferlab export {path} --format onnx` first.")
-        if exported is not None and (engine == "onnx" or onnx_pays(device, mixed_precision)):
-            return OnnxPredictor(exported)
     artifact = open_artifact(path)
     predictor = Predictor(build_classifier(artifact), artifact.config, device=device, mixed_precision=mixed_precision,
-                          keep_memory=keep_memory)
+                          keep_memory=keep_memory, engine=name)
     predictor.openset = load_openset(artifact)
     return predictor
 
@@ -295,7 +302,8 @@ class OnnxPredictor(Predictor):
     """A :class:`Predictor` over an exported ONNX file, run by ONNX Runtime on the CPU. The file
     carries its classes, preprocessing and temperature as metadata, so it is usable alone."""
 
-    engine = "onnx"
+    engine = "onnxruntime"
+    choice = EngineChoice("onnxruntime", "an exported ONNX file")
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int = 32, workers: int = 0) -> None:
         import json

@@ -14,11 +14,18 @@ from .distributed import World, all_gather_json, all_gather_rows, broadcast_json
 from .predict import Prediction, Predictor
 from .training.plan import Plan
 
-__all__ = ["EVAL_BLOCK", "predict_proba_shared", "predict_shared", "shared_plan", "shared_start",
+__all__ = ["EVAL_BLOCK", "agree_engine", "predict_proba_shared", "predict_shared", "shared_plan", "shared_start",
            "distributed_record", "extraction_shares", "evaluation_shares"]
 
 #: Files per forward pass when evaluating, and the block the ranks share files in.
 EVAL_BLOCK = 32
+
+
+def agree_engine(predictor: Predictor, world: World) -> None:
+    """Every rank runs rank 0's engine: the two engines' outputs differ in the last digits."""
+    name = all_gather_json(world, predictor.engine)[0]
+    if name != predictor.engine:
+        predictor.use_engine(name, "rank 0's choice")
 
 
 def predict_proba_shared(predictor: Predictor, paths: Sequence[str], world: World,
@@ -26,6 +33,7 @@ def predict_proba_shared(predictor: Predictor, paths: Sequence[str], world: Worl
     """:meth:`Predictor.predict_proba` of ``paths``, each rank computing blocks of the predictor's batch."""
     if not world.active:
         return predictor.predict_proba(paths, **options)
+    agree_engine(predictor, world)
     shares = owners(len(paths), world, predictor.batch_size)
     probs, errors = predictor.predict_proba([paths[i] for i in shares[world.rank]], **options)
     parts = all_gather_rows(world, np.asarray(probs, dtype=np.float64))
@@ -45,6 +53,7 @@ def predict_shared(predictor: Any, paths: Sequence[str], world: World, **options
     every prediction, in the order of ``paths``."""
     if not world.active:
         return predictor.predict(paths, **options)
+    agree_engine(predictor, world)
     shares = owners(len(paths), world, getattr(predictor, "batch_size", EVAL_BLOCK))
     mine = predictor.predict([paths[i] for i in shares[world.rank]], **options)
     merged: list[Prediction | None] = [None] * len(paths)

@@ -83,6 +83,7 @@ class HeadStats:
     openset: Any = None
     openset_test_accepted: float | None = None
     diagnosis: Any = None
+    engine: dict[str, Any] | None = None  # which engine ran the extraction, and why
 
 
 @dataclass
@@ -127,7 +128,7 @@ def head_stage(p: Prepared, t: Trained) -> Trained:
     one of the same shape, which the fine-tuning stage fills from rank 0's)."""
     cfg, task, world = p.cfg, p.task, p.world
     extractor = FeatureExtractor(p.backbone, t.info, device=cfg.device, workers=cfg.workers,
-                                 mixed_precision=cfg.mixed_precision, quiet=cfg.quiet)
+                                 mixed_precision=cfg.mixed_precision, quiet=cfg.quiet, engine=cfg.engine)
     cache = None if cfg.no_cache else FeatureCache(cfg.cache_dir)
     t0 = time.perf_counter()
     samples = t.ds.samples
@@ -152,7 +153,8 @@ def head_stage(p: Prepared, t: Trained) -> Trained:
             computed, cached = computed + view.computed, cached + view.cached
     stats = HeadStats(extract_s=time.perf_counter() - t0, features_computed=computed, features_cached=cached,
                       extracted_per_rank=ext.per_rank,
-                      evaluated_per_rank=extraction_shares(samples, ext.ok, world, extractor.batch_size))
+                      evaluated_per_rank=extraction_shares(samples, ext.ok, world, extractor.batch_size),
+                      engine=extractor.choice.to_dict() if extractor.choice else None)
     task.check_train(ytr, ds.classes)
     if not world.is_zero:
         return replace(t, ds=ds, stats=stats)
@@ -212,7 +214,7 @@ def finetune_stage(p: Prepared, t: Trained, decision: Decision, plan: Plan,
     results, evaluated = t.results, None
     # evaluated again from the files, unless the head was kept (its results came from its features)
     if broadcast_json(world, bool(ft.improved or not results)):
-        results = evaluate_files(model, ds, cfg, task, world)
+        results = evaluate_files(model, ds, cfg, task, world, info)
         evaluated = evaluation_shares(ds, world)
     return replace(t, model=model, info=info, results=results, ft=ft, evaluated=evaluated), plan
 
@@ -244,13 +246,15 @@ def finetune_config(cfg: TrainConfig, plan: Plan, use_head: bool, deadline: floa
         reserve_s=plan.estimate.get("evaluate", 15.0), initial_val_loss=initial_val_loss, multilabel=multilabel)
 
 
-def evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig, task: Task, world: World) -> dict[str, Any]:
+def evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig, task: Task, world: World,
+                   info: BackboneInfo) -> dict[str, Any]:
     """Val and test results through the same path as ``predict`` (files -> Predictor), as ``task`` reads
     them. With several processes each predicts its share (:func:`evaluation_shares`) and every rank gets
     the whole result."""
     predictor = Predictor(model, {"classes": ds.classes, "preprocessing": model.preprocessing.to_dict(),
-                                  "task": ds.task}, device=cfg.device, mixed_precision=cfg.mixed_precision,
-                          workers=default_workers() if cfg.workers is None else cfg.workers, batch_size=EVAL_BLOCK)
+                                  "task": ds.task, "backbone": info.to_dict()}, device=cfg.device, mixed_precision=cfg.mixed_precision,
+                          workers=default_workers() if cfg.workers is None else cfg.workers, batch_size=EVAL_BLOCK,
+                          engine=cfg.engine)
     out: dict[str, Any] = {}
     for sp in ("val", "test"):
         samples = [s for s in ds.samples if s.split == sp]

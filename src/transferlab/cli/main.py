@@ -18,6 +18,8 @@ from .data_commands import cache_app, data_app
 
 _STARTED_AT = process_started_at()  # --time-limit counts from here: the user's clock, imports included
 _D = TrainConfig()  # every default of train's options (and the default backbone) comes from here
+ENGINE_OPTION = typer.Option("auto", "--engine", help="What runs the frozen backbone: auto (the faster on this CPU, "
+                             "measured once and cached), torch or onnxruntime.")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a folder of labelled images into an image classifier by transfer learning.")
@@ -206,6 +208,8 @@ def train_cmd(
     num_nodes: int = typer.Option(_D.num_nodes, "--num-nodes"),
     mixed_precision: bool = typer.Option(_D.mixed_precision, "--amp/--no-amp",
                                          help="Mixed precision (bf16 on CPU, AMP on CUDA)."),
+    engine: str = typer.Option(_D.engine, "--engine", help="What runs the frozen backbone's forward passes: auto "
+                               "(the faster on this CPU, measured once and cached), torch or onnxruntime."),
     top_k: str = typer.Option(",".join(map(str, _D.top_k)), "--top-k", help="Top-k accuracies to report, e.g. 1,3,5."),
     dedupe: bool = typer.Option(_D.dedupe, "--dedupe", help="Remove exact duplicates across splits from val/test."),
     diagnose: bool = typer.Option(_D.diagnose, "--diagnose/--no-diagnose",
@@ -247,12 +251,13 @@ def evaluate_cmd(model: Path = typer.Argument(..., help="Model directory (RUN/mo
                  data: Path = typer.Argument(..., help="Labelled folder or manifest."),
                  out_dir: Path = typer.Option(..., "--out"),
                  split: Optional[str] = typer.Option(None, "--split", help="Only this split of pre-split data."),
+                 engine: str = ENGINE_OPTION,
                  quiet: bool = typer.Option(False, "--quiet", "-q"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Metrics, plots and report for a saved model on a labelled folder."""
     from ..evaluate import evaluate
 
     setup_logging(quiet)
-    metrics = evaluate(model, data, out_dir, split=split)
+    metrics = evaluate(model, data, out_dir, split=split, engine=engine)
     if as_json:
         print_json(metrics)
     else:
@@ -272,8 +277,7 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
                                           "class (distance to the training images; calibrated to accept 95% of "
                                           "validation images)."),
             no_calibration: bool = typer.Option(False, "--no-calibration", help="Ignore the fitted temperature."),
-            engine: str = typer.Option("auto", "--engine", help="auto, torch or onnx (auto: the model's checked "
-                                       "ONNX export where ONNX Runtime is the faster engine on this CPU)."),
+            engine: str = ENGINE_OPTION,
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Predict labels for image files and folders (unreadable files are reported, not fatal)."""
     from ..distributed import join, launch_layout
@@ -284,9 +288,9 @@ def predict(model: Path = typer.Argument(..., help="Model directory (RUN/model).
         raise typer.BadParameter(f"--threshold {threshold}: expected a probability between 0 and 1")
     devices, num_nodes = launch_layout()  # torchrun's or srun's layout: each rank predicts a share
     world = join(devices=devices, num_nodes=num_nodes)
-    predictor = load_model(model, engine="torch" if open_set and engine == "auto" else engine)
+    predictor = load_model(model, engine=engine)
     if not as_json and world.is_zero:
-        err.print(f"engine: {'ONNX Runtime' if predictor.engine == 'onnx' else 'PyTorch'}")
+        err.print(predictor.choice.line())
     results = predict_shared(predictor, expand_paths(paths), world, top_k=top_k, threshold=threshold, tta=tta,
                              calibrated=not no_calibration, open_set=open_set)
     if not world.is_zero:  # rank 0 writes the one output file
@@ -473,12 +477,13 @@ def serve(model: Path = typer.Argument(..., help="Model directory or exported .o
           max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (decompression bombs)."),
           api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TRANSFERLAB_API_KEY",
                                                 help="Require 'Authorization: Bearer KEY' on every endpoint but /health."),
-          open_set: bool = typer.Option(False, "--open-set", help="Answer 'unknown' for images unlike every class.")) -> None:
+          open_set: bool = typer.Option(False, "--open-set", help="Answer 'unknown' for images unlike every class."),
+          engine: str = ENGINE_OPTION) -> None:
     """HTTP API (POST /predict, GET /health, /labels, /docs) and a web page at /."""
     from ..service.app import serve as run_service
 
     run_service(model, host=host, port=port, workers=workers, max_bytes=max_bytes, max_pixels=max_pixels,
-                api_key=api_key, open_set=open_set)
+                api_key=api_key, open_set=open_set, engine=engine)
 
 
 @app.command("export")

@@ -1,8 +1,8 @@
 """Streaming feature extraction through the frozen backbone, backed by the feature cache.
 
-Decoding runs in DataLoader workers, overlapped with the forward pass, which runs in channels_last
-with bf16 autocast where the CPU supports it. Only one batch of pixels is in memory at a time per
-worker, whatever the number of images.
+Decoding runs in DataLoader workers, overlapped with the forward pass, which runs on the engine
+:mod:`transferlab.engines` chooses (PyTorch or ONNX Runtime, whichever is faster on this CPU). Only one
+batch of pixels is in memory at a time per worker, whatever the number of images.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from ..backbones.models import BackboneInfo, FeatureBackbone, Normalize
 from ..data.loader import ImageFiles, collate_images, worker_init
 from ..data.transforms import EvalTransform
 from ..distributed import SINGLE, World, all_gather_json, all_gather_rows, owners
-from ..runtime import FrozenGraph, autocast, pick_device, prepare_model, to_device_batch
+from ..engines import Engine, EngineChoice, open_engine
+from ..runtime import pick_device, prepare_model
 from .cache import CacheNamespace, FeatureCache
 
 __all__ = ["Extraction", "FeatureExtractor", "default_workers"]
@@ -62,11 +63,13 @@ class FeatureExtractor:
             (smaller activations stay in cache; BENCHMARKS.md), 128 on an accelerator.
         workers: decoding processes (default: one per core, at most 4; 0 decodes in-process).
         mixed_precision: bf16 autocast on capable CPUs, AMP on CUDA. Default True.
+        engine: ``auto`` (default: the faster on this CPU, measured once), ``torch`` or ``onnxruntime``;
+            resolved on first use, so a run whose features are all cached measures nothing new.
     """
 
     def __init__(self, backbone: FeatureBackbone, info: BackboneInfo, *, device: str | None = None,
                  batch_size: int | None = None, workers: int | None = None, mixed_precision: bool = True,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, engine: str = "auto") -> None:
         self.info = info
         self.device = pick_device(device)
         self.batch_size = batch_size or (32 if self.device.type == "cpu" else 128)
@@ -75,22 +78,34 @@ class FeatureExtractor:
         self.quiet = quiet
         pre = info.preprocessing
         self.net = prepare_model(nn.Sequential(Normalize(pre.mean, pre.std), backbone).eval(), self.device)
-        self.graph = FrozenGraph(self.net, self.device, mixed_precision)
+        self.engine_request = engine
+        self.key = f"{info.timm_name}-cut{info.cut_stage}" if info.cut_stage else info.timm_name
+        self._engine: Engine | None = None
+        self.choice: EngineChoice | None = None
         self.images_forwarded = 0
 
+    @property
+    def engine(self) -> Engine:
+        """The engine that runs the backbone (chosen on first use)."""
+        if self._engine is None:
+            self._open(self.engine_request)
+        return self._engine
+
+    def _open(self, engine: str) -> None:
+        self._engine, self.choice = open_engine(self.net, self.key, self.info.preprocessing.size, engine=engine,
+                                                device=self.device, mixed_precision=self.mixed_precision)
+
     def description(self, view: str = "eval") -> dict:
-        """What identifies these features in the cache."""
+        """What identifies these features in the cache: the two engines agree to about 1e-6 relative, not
+        bit for bit, so each keeps its own entries."""
         amp = "amp" if self.mixed_precision else "fp32"
         return {"backbone": self.info.timm_name, "weights": self.info.weights_digest,
                 "cut_stage": self.info.cut_stage, "preprocessing": self.info.preprocessing.key(),
-                "view": view, "precision": amp}
+                "view": view, "precision": amp, "engine": self.engine.name}
 
-    @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> np.ndarray:
         """Features (float32 numpy) of a uint8 NCHW batch."""
-        x = to_device_batch(batch, self.device)
-        with autocast(self.device, self.mixed_precision):
-            f = self.graph(x)
+        f = self.engine(batch)
         self.images_forwarded += int(batch.shape[0])
         return f.float().cpu().numpy()
 
@@ -133,6 +148,10 @@ class FeatureExtractor:
 
     def _extract_shared(self, paths, cache, transform, view, description, world: World) -> Extraction:
         start = time.perf_counter()
+        agreed = all_gather_json(world, self.engine.name)[0]  # one engine on every rank: rank 0's
+        if agreed != self.engine.name:
+            self._open(agreed)
+            self.choice.reason = "rank 0's choice"
         shares = owners(len(paths), world, self.batch_size)
         part = self.extract([paths[i] for i in shares[world.rank]], cache, transform=transform, view=view,
                             description=description)

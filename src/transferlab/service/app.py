@@ -108,7 +108,7 @@ def refuse_request(request: Request, *, api_key: str | None, max_bytes: int, ope
 def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
                top_k: int = 5, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
-               open_set: bool = False) -> FastAPI:
+               open_set: bool = False, engine: str = "auto") -> FastAPI:
     """The FastAPI app serving one model (an artifact directory or an exported ``.onnx`` file).
 
     ``max_pixels`` bounds each image and ``max_request_pixels`` all the images of one request;
@@ -116,8 +116,11 @@ def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
     ``api_key``, every endpoint but ``/health`` needs ``Authorization: Bearer <api_key>``. Requests a
     browser sends from another site's page (an ``Origin`` that is not this host) are refused (403). With
     ``open_set``, an image unlike every class is labelled ``unknown`` and each result has its ``ood_score``.
+    ``engine`` runs the backbone (``auto``, ``torch``, ``onnxruntime``); it is chosen here, before the first
+    request, so that no request waits for a measurement.
     """
-    predictor = load_model(model_path, keep_memory=False, engine="torch" if open_set else "auto")
+    predictor = load_model(model_path, keep_memory=False, engine=engine)
+    choice = predictor.choice  # the engine is opened (and measured, the first time) now
     if open_set and predictor.openset is None:
         raise ConfigError(f"--open-set: '{model_path}' has no open-set scorer (train it again; it needs a "
                           "validation split and a backbone that was not fine-tuned).")
@@ -149,7 +152,8 @@ def create_app(model_path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_M
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "classes": len(predictor.classes), "engine": predictor.engine}
+        return {"status": "ok", "classes": len(predictor.classes), "engine": choice.engine,
+                "engine_reason": choice.reason}
 
     @app.get("/labels")
     async def labels() -> dict[str, Any]:
@@ -228,7 +232,8 @@ def app_from_env() -> FastAPI:
                       max_bytes=int(os.environ.get("TRANSFERLAB_SERVE_MAX_BYTES", DEFAULT_MAX_BYTES)),
                       max_pixels=int(os.environ.get("TRANSFERLAB_SERVE_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
                       api_key=os.environ.get("TRANSFERLAB_API_KEY") or None,
-                      open_set=os.environ.get("TRANSFERLAB_SERVE_OPEN_SET") == "1")
+                      open_set=os.environ.get("TRANSFERLAB_SERVE_OPEN_SET") == "1",
+                      engine=os.environ.get("TRANSFERLAB_SERVE_ENGINE", "auto"))
 
 
 def is_loopback(host: str) -> bool:
@@ -243,11 +248,12 @@ def is_loopback(host: str) -> bool:
 
 def serve(model_path: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, api_key: str | None = None,
-          open_set: bool = False) -> None:
+          open_set: bool = False, engine: str = "auto") -> None:
     """Run the service with uvicorn (blocking). Binding beyond loopback without ``api_key`` warns."""
     import uvicorn
 
-    load_model(model_path)  # fail fast with a clear error before starting workers
+    # fail fast with a clear error before starting workers; the engine's measurement and graph are cached for them
+    log.info("%s", load_model(model_path, engine=engine).engine)
     if not api_key and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                     "(give --api-key or set TRANSFERLAB_API_KEY)", host)
@@ -255,6 +261,7 @@ def serve(model_path: str | os.PathLike[str], host: str = "127.0.0.1", port: int
     os.environ["TRANSFERLAB_SERVE_MAX_BYTES"] = str(max_bytes)
     os.environ["TRANSFERLAB_SERVE_MAX_PIXELS"] = str(max_pixels)
     os.environ["TRANSFERLAB_SERVE_OPEN_SET"] = "1" if open_set else "0"
+    os.environ["TRANSFERLAB_SERVE_ENGINE"] = engine
     if api_key:
         os.environ["TRANSFERLAB_API_KEY"] = api_key
     uvicorn.run("transferlab.service.app:app_from_env", factory=True, host=host, port=port, workers=workers,
