@@ -194,6 +194,7 @@ def test_shared_evaluation_puts_every_share_back_in_the_files_order(monkeypatch)
 
     class Fake:
         batch_size = 2
+        engine = "torch"
 
         def predict_proba(self, paths, **_):
             return np.array([[float(p), -float(p)] for p in paths]), [None if int(p) % 3 else f"bad {p}" for p in paths]
@@ -202,7 +203,8 @@ def test_shared_evaluation_puts_every_share_back_in_the_files_order(monkeypatch)
     world = [World(0, 2), World(1, 2)]
     parts = [Fake().predict_proba([paths[i] for i in share(7, w, 2)]) for w in world]
     monkeypatch.setattr(sharing, "all_gather_rows", lambda w, rows: [np.asarray(p[0]) for p in parts])
-    monkeypatch.setattr(sharing, "all_gather_json", lambda w, obj: [list(p[1]) for p in parts])
+    monkeypatch.setattr(sharing, "all_gather_json",
+                        lambda w, obj: [obj, obj] if isinstance(obj, str) else [list(p[1]) for p in parts])
     for w in world:
         probs, errors = sharing.predict_proba_shared(Fake(), paths, w)
         assert probs[:, 0].tolist() == [float(i) for i in range(7)]
@@ -272,3 +274,21 @@ def test_two_processes_fill_one_cache_at_once_and_damage_is_recomputed(digits_di
     assert "damaged shard" in caplog.text and not shards[0].exists() and not shards[1].exists()
     _, healed = _features(digits_dir, paths, cache)
     assert healed.computed == 0 and np.allclose(healed.features, alone.features, atol=1e-5)
+
+
+def test_every_rank_runs_rank_zeros_engine(monkeypatch):
+    """Two ranks whose own measurements chose different engines: both end on rank 0's."""
+    from transferlab import sharing
+
+    class Fake:
+        def __init__(self, engine):
+            self.engine, self.reason = engine, ""
+
+        def use_engine(self, name, reason):
+            self.engine, self.reason = name, reason
+
+    ranks = [Fake("onnxruntime"), Fake("torch")]
+    monkeypatch.setattr(sharing, "all_gather_json", lambda w, obj: [ranks[0].engine, ranks[1].engine])
+    for w, fake in zip((World(0, 2), World(1, 2)), ranks):
+        sharing.agree_engine(fake, w)
+    assert [f.engine for f in ranks] == ["onnxruntime", "onnxruntime"] and ranks[1].reason == "rank 0's choice"

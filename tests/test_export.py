@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from transferlab.errors import ExportError
-from transferlab.export import checked_onnx_export, export_model
+from transferlab.export import export_model
 from transferlab.predict import load_model
 
 
@@ -92,46 +92,12 @@ def test_failed_check_is_an_error(trained_run, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_predict_engine_auto_uses_a_fresh_checked_export(trained_run, tmp_path, monkeypatch):
-    import shutil
+def test_an_exported_onnx_file_runs_on_onnx_runtime_only(exported):
+    from transferlab.errors import ConfigError
 
-    import transferlab.predict as pr
-    from transferlab.errors import ArtifactError
-
-    model_dir = tmp_path / "model"
-    shutil.copytree(trained_run.model_dir, model_dir)
-    with pytest.raises(ArtifactError, match="no checked ONNX export"):
-        load_model(model_dir, engine="onnx")
-    export_model(model_dir, "onnx")
-    assert checked_onnx_export(model_dir) == model_dir / "model.onnx"
-    assert load_model(model_dir, engine="onnx").engine == "onnx"
-    assert load_model(model_dir, engine="torch").engine == "torch"
-    monkeypatch.setattr(pr, "onnx_pays", lambda device, mp: True)
-    assert load_model(model_dir).engine == "onnx"
-    monkeypatch.setattr(pr, "onnx_pays", lambda device, mp: False)
-    assert load_model(model_dir).engine == "torch"
-    # a failed or stale check is never used
-    check_file = model_dir / "model.onnx.check.json"
-    check = json.loads(check_file.read_text())
-    check_file.write_text(json.dumps({**check, "weights_sha256": "0" * 64}))
-    assert checked_onnx_export(model_dir) is None
-    check_file.write_text(json.dumps({**check, "passed": False}))
-    assert checked_onnx_export(model_dir) is None
-    # a model.onnx other than the one checked is never used
-    check_file.write_text(json.dumps(check))
-    assert checked_onnx_export(model_dir) == model_dir / "model.onnx"
-    with open(model_dir / "model.onnx", "ab") as f:
-        f.write(b"\0")
-    assert checked_onnx_export(model_dir) is None
-
-
-def test_onnx_pays_only_where_torch_runs_fp32(monkeypatch):
-    import transferlab.predict as pr
-
-    monkeypatch.setattr(pr, "cpu_has_bf16", lambda: True)
-    assert not pr.onnx_pays("cpu", True) and pr.onnx_pays("cpu", False)
-    monkeypatch.setattr(pr, "cpu_has_bf16", lambda: False)
-    assert pr.onnx_pays("cpu", True)
+    assert load_model(exported["onnx"]["file"]).engine == "onnxruntime"
+    with pytest.raises(ConfigError, match="runs on ONNX Runtime"):
+        load_model(exported["onnx"]["file"], engine="torch")
 
 
 @pytest.mark.slow

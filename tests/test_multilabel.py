@@ -141,7 +141,7 @@ def test_multilabel_model_trains_predicts_serves_exports_and_evaluates(tmp_path,
     assert list(m["thresholds"].values()) == pytest.approx(list(thr))
     rows = list(csv.DictReader(open(res.run_dir / "split.csv")))
     val = [r for r in rows if r["split"] == "val"]
-    predictor = load_model(res.model_dir, engine="torch")
+    predictor = load_model(res.model_dir)  # the engine its thresholds were tuned through
     p_val, _ = predictor.predict_proba([r["path"] for r in val])
     y_val = label_matrix([r["labels"].split(";") if r["labels"] else [] for r in val], classes)
     assert np.all(_f1_at(p_val, y_val, thr) >= _f1_at(p_val, y_val, 0.5) - 0.02)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from ._io import atomic_path, transferlab_home, write_json
 from .errors import ConfigError, ExportError
@@ -35,7 +36,7 @@ from .runtime import FrozenGraph, autocast, cpu_has_bf16, to_device_batch
 log = logging.getLogger("transferlab")
 
 __all__ = ["ENGINES", "Engine", "EngineChoice", "TorchEngine", "OrtEngine", "engine_name", "open_engine",
-           "onnx_engine", "weights_digest", "cpu_model", "engines_dir", "AGREEMENT"]
+           "onnx_engine", "static_same_padding", "weights_digest", "cpu_model", "engines_dir", "AGREEMENT"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 _ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "pytorch": "torch"}
@@ -179,8 +180,6 @@ def _export(net: torch.nn.Module, size: int, path: Path, digest: str) -> None:
     import onnx
     import onnxruntime as ort
 
-    from .export import static_same_padding
-
     model = copy.deepcopy(net).float().eval().to(memory_format=torch.contiguous_format)
     x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -204,6 +203,34 @@ def _export(net: torch.nn.Module, size: int, path: Path, digest: str) -> None:
         diff = float(np.abs(got - reference).max() / max(float(np.abs(reference).max()), 1e-12))
         if not diff <= AGREEMENT:
             raise ExportError(f"the ONNX graph disagrees with PyTorch: relative difference {diff:.1e} > {AGREEMENT:g}")
+
+
+def static_same_padding(net: nn.Module, example: torch.Tensor) -> int:
+    """Replace timm's ``Conv2dSame`` (TF "same" padding computed at run time) by a fixed ``ZeroPad2d``
+    and a plain convolution sharing the weights, for the input size of ``example``; outputs are
+    identical. The ONNX graph then has constant pads instead of Shape/Ceil arithmetic, which the
+    quantizer calibrates cleanly. Returns how many layers were replaced."""
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: sizes.__setitem__(n, tuple(a[0].shape[-2:])))
+             for n, m in net.named_modules() if isinstance(m, Conv2dSame)]
+    try:
+        with torch.inference_mode():
+            net(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, (h, w) in sizes.items():
+        parent_name, _, attr = name.rpartition(".")
+        old = net.get_submodule(name)
+        conv = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, 0, old.dilation,
+                         old.groups, old.bias is not None)
+        conv.weight, conv.bias = old.weight, old.bias
+        pads = pad_same_arg([h, w], list(old.kernel_size), list(old.stride), list(old.dilation))
+        setattr(net.get_submodule(parent_name) if parent_name else net, attr, nn.Sequential(nn.ZeroPad2d(pads), conv))
+    return len(sizes)
 
 
 def _choices_file() -> Path:

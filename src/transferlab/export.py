@@ -30,6 +30,7 @@ from ._io import file_digest, write_json
 from .artifacts import build_classifier, open_artifact
 from .data.images import load_image
 from .data.transforms import EvalTransform
+from .engines import static_same_padding
 from .errors import ArtifactError, ConfigError, ExportError
 
 __all__ = ["export_model", "int8_verdict", "describe_int8", "ProbabilityModel", "FORMATS"]
@@ -219,34 +220,6 @@ def _export_torchscript(net: nn.Module, x: torch.Tensor, out: Path, meta: dict[s
     loaded = torch.jit.load(str(out))
     with torch.inference_mode():
         return loaded(x).numpy()
-
-
-def static_same_padding(net: nn.Module, example: torch.Tensor) -> int:
-    """Replace timm's ``Conv2dSame`` (TF "same" padding computed at run time) by a fixed ``ZeroPad2d``
-    and a plain convolution sharing the weights, for the input size of ``example``; outputs are
-    identical. The ONNX graph then has constant pads instead of Shape/Ceil arithmetic, which the
-    quantizer calibrates cleanly. Returns how many layers were replaced."""
-    from timm.layers.conv2d_same import Conv2dSame
-    from timm.layers.padding import pad_same_arg
-
-    sizes: dict[str, tuple[int, int]] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: sizes.__setitem__(n, tuple(a[0].shape[-2:])))
-             for n, m in net.named_modules() if isinstance(m, Conv2dSame)]
-    try:
-        with torch.inference_mode():
-            net(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    for name, (h, w) in sizes.items():
-        parent_name, _, attr = name.rpartition(".")
-        old = net.get_submodule(name)
-        conv = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, 0, old.dilation,
-                         old.groups, old.bias is not None)
-        conv.weight, conv.bias = old.weight, old.bias
-        pads = pad_same_arg([h, w], list(old.kernel_size), list(old.stride), list(old.dilation))
-        setattr(net.get_submodule(parent_name) if parent_name else net, attr, nn.Sequential(nn.ZeroPad2d(pads), conv))
-    return len(sizes)
 
 
 def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
