@@ -1,10 +1,13 @@
-"""Side-by-side throughput: the naive pipeline against transferlab's, on the same images, in one run.
+"""Side-by-side throughput: the naive pipeline against transferlab's, and transferlab's two engines (PyTorch,
+ONNX Runtime) model-only and end to end, on the same images, in one run.
 
-    python bench/bench_speed.py [--large 48] [--small 512] [--backbone efficientnet_lite0]
+    python bench/bench_speed.py [--large 96] [--small 512] [--backbone efficientnet_lite0]
+    TRANSFERLAB_NO_BF16=1 python bench/bench_speed.py     # the path of a CPU without native bf16
 
-Prints images/s for each path and the ratios the speed targets are stated in. Each path is timed in a
-fresh process, so that none inherits another's process-wide state (allocator settings, thread pools,
-TorchScript caches). Not part of the tests.
+Prints images/s for each path and the ratios the speed targets are stated in, which engine ``auto`` picks,
+and predict's single-image latency with ``auto`` against PyTorch. Each path is timed in a fresh process,
+so that none inherits another's process-wide state (allocator settings, thread pools, TorchScript caches).
+Not part of the tests.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from _images import large_jpegs, small_pngs  # noqa: E402
 
 from transferlab.backbones import Normalize, create_backbone  # noqa: E402
 from transferlab.features import FeatureExtractor  # noqa: E402
+from transferlab.engines import cpu_model  # noqa: E402
 from transferlab.runtime import cpu_has_bf16, keep_freed_memory  # noqa: E402
 from transferlab.training.finetune import FinetuneConfig, backbone_stages, early_stages  # noqa: E402
 
@@ -69,12 +73,35 @@ def naive_extract(paths, name: str, batch_size=64) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
-def ours_extract(paths, name: str) -> float:
-    """transferlab's FeatureExtractor, no feature cache, everything cold (model freezing included)."""
-    ex = FeatureExtractor(*create_backbone(name), quiet=True)
+def ours_extract(paths, name: str, engine: str = "torch") -> float:
+    """transferlab's FeatureExtractor on ``engine``, no feature cache, cold but for the engine's opening (the
+    ONNX graph is built once per machine; PyTorch's first batch still freezes its TorchScript graph)."""
+    ex = FeatureExtractor(*create_backbone(name), quiet=True, engine=engine)
+    ex.engine
     t = time.perf_counter()
     ex.extract(paths, cache=None)
     return len(paths) / (time.perf_counter() - t)
+
+
+def model_only(name: str, engine: str, batch_size: int = 32, reps: int = 4) -> float:
+    """The engine alone on ready random pixels at the extractor's batch size: the best of ``reps`` batches."""
+    ex = FeatureExtractor(*create_backbone(name), quiet=True, engine=engine)
+    s = ex.info.preprocessing.size
+    x = torch.randint(0, 256, (batch_size, 3, s, s), dtype=torch.uint8)
+    ex.forward(x)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        ex.forward(x)
+        best = min(best, time.perf_counter() - t)
+    return batch_size / best
+
+
+def auto_pick(name: str) -> tuple[str, str]:
+    """What ``--engine auto`` picks here, measured afresh (a private choices file), and why."""
+    os.environ["TRANSFERLAB_HOME"] = tempfile.mkdtemp(prefix="tl-auto-")
+    ex = FeatureExtractor(*create_backbone(name), quiet=True)
+    return ex.engine.name, ex.choice.reason
 
 
 def ceiling(name: str, batch_sizes=(16, 32, 64), reps=3) -> float:
@@ -169,12 +196,16 @@ def predict_figures(paths, backbone_name: str, reps: int = 50, batch: int = 256)
         save_artifact(Path(d) / "m", model, {"classes": [str(i) for i in range(10)], "backbone": info.to_dict(),
                                              "preprocessing": info.preprocessing.to_dict(),
                                              "head": {"in_features": info.num_features, "hidden": [], "dropout": 0}})
-        export_model(Path(d) / "m", "onnx")
+        export_model(Path(d) / "m", "onnx", Path(d) / "m.onnx")
         engines = {"PyTorch" + (" bf16" if cpu_has_bf16() else " fp32"): dict(engine="torch"),
                    "PyTorch fp32": dict(engine="torch", mixed_precision=False),
-                   "ONNX Runtime fp32": dict(engine="onnx")}
+                   "ONNX Runtime fp32 (backbone)": dict(engine="onnxruntime"),
+                   "auto": dict(engine="auto"),
+                   "ONNX Runtime fp32 (exported file)": dict(path="m.onnx")}
         for label, kw in engines.items():
-            pred = load_model(Path(d) / "m", **kw)
+            pred = load_model(Path(d) / kw.pop("path", "m"), **kw)
+            if label == "auto":
+                label = f"auto ({pred.engine})"
             med, p95 = _latency(pred, paths, reps)
             t = time.perf_counter()
             pred.predict(paths[:batch])
@@ -192,19 +223,31 @@ def main() -> None:
     root = Path(args.dir)
     large = large_jpegs(root / "large", args.large)
     small = small_pngs(root / "small", args.small)
+    os.environ["TRANSFERLAB_HOME"] = tempfile.mkdtemp(prefix="tl-bench-")  # a fresh engine choice and ONNX graph
     _init_process()
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"native bf16: {cpu_has_bf16()}; backbone {args.backbone} at {create_backbone(args.backbone)[1].preprocessing.size}px")
     rows = []
     ceil = isolated(ceiling, args.backbone)
     for label, paths in (("large JPEG 3000x2000", large), ("small PNG 128x128", small)):
         rows.append((label, best_of(2, naive_extract, paths, args.backbone), best_of(2, ours_extract, paths, args.backbone)))
-    print(f"\n{'extraction, best of 2':<24}{'naive img/s':>12}{'ours img/s':>12}{'ratio':>8}")
+    print(f"\n{'extraction, best of 2':<24}{'naive img/s':>12}{'torch img/s':>12}{'ratio':>8}")
     for label, naive, ours in rows:
         print(f"{label:<24}{naive:>12.1f}{ours:>12.1f}{ours / naive:>7.2f}x")
     print(f"model-only ceiling ({'bf16' if cpu_has_bf16() else 'fp32'} channels_last, random pixels, best batch size): "
           f"{ceil:.1f} img/s; "
           f"small PNG extraction at {100 * rows[1][2] / ceil:.0f}% of it")
+    print(f"\n{'engine, best of 2':<14}{'model-only':>11}{'large JPEG':>11}{'(% model)':>10}{'small PNG':>11}{'(% model)':>10}")
+    e2e = {}
+    for engine in ("torch", "onnxruntime"):
+        mo = best_of(2, model_only, args.backbone, engine)
+        lj, sp = (best_of(2, ours_extract, paths, args.backbone, engine) for paths in (large, small))
+        e2e[engine] = (lj, sp)
+        print(f"{engine:<14}{mo:>11.1f}{lj:>11.1f}{100 * lj / mo:>9.0f}%{sp:>11.1f}{100 * sp / mo:>9.0f}%")
+    pick, why = isolated(auto_pick, args.backbone)
+    print(f"auto picks {pick}: {why}")
+    print(f"end to end, auto's engine against the PyTorch path: large JPEG {e2e[pick][0] / e2e['torch'][0]:.2f}x, "
+          f"small PNG {e2e[pick][1] / e2e['torch'][1]:.2f}x")
     naive_t, ours_t = isolated(train_step_rate, args.backbone, False), isolated(train_step_rate, args.backbone, True)
     print(f"\nfine-tuning step (batch 32, median of 8): naive fp32 NCHW {naive_t:.1f} img/s, ours {ours_t:.1f} img/s, "
           f"ratio {ours_t / naive_t:.2f}x")

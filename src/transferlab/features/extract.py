@@ -50,6 +50,8 @@ class Extraction:
     cached: int = 0
     seconds: float = 0.0
     per_rank: list[int] = field(default_factory=list)  # images each rank extracted (or read from the cache)
+    waited_s: float = 0.0  # of ``seconds``: waiting for decoded batches (decoding is the limit when this is large)
+    forward_s: float = 0.0  # of ``seconds``: in the engine's forward passes
 
 
 class FeatureExtractor:
@@ -141,10 +143,12 @@ class FeatureExtractor:
                     ok[i] = True
         todo = [i for i, d in enumerate(digests) if d is not None and not ok[i]]
         cached = int(ok.sum())
+        waited = forward = 0.0
         if todo:
-            self._compute(paths, todo, digests, feats, ok, errors, ns, transform, description)
+            waited, forward = self._compute(paths, todo, digests, feats, ok, errors, ns, transform, description)
         return Extraction(feats, ok, errors, computed=len(todo) - sum(1 for i in todo if i in errors),
-                          cached=cached, seconds=time.perf_counter() - start, per_rank=[n])
+                          cached=cached, seconds=time.perf_counter() - start, per_rank=[n], waited_s=waited,
+                          forward_s=forward)
 
     def _extract_shared(self, paths, cache, transform, view, description, world: World) -> Extraction:
         start = time.perf_counter()
@@ -167,22 +171,35 @@ class FeatureExtractor:
                           cached=sum(n["cached"] for n in notes), seconds=time.perf_counter() - start,
                           per_rank=[len(s) for s in shares])
 
-    def _compute(self, paths, todo, digests, feats, ok, errors, ns, transform, description) -> None:
+    def _compute(self, paths, todo, digests, feats, ok, errors, ns, transform, description) -> tuple[float, float]:
+        """Fill ``feats``/``ok``/``errors`` for ``todo``; returns the seconds spent waiting for decoded batches
+        and in forward passes."""
         transform = transform or EvalTransform(self.info.preprocessing)
         files = ImageFiles([paths[i] for i in todo], transform)
         workers = self.workers if len(todo) > self.batch_size else 0
         loader = DataLoader(files, batch_size=self.batch_size, shuffle=False, num_workers=workers,
                             collate_fn=collate_images, prefetch_factor=4 if workers else None,
                             persistent_workers=False, worker_init_fn=worker_init if workers else None)
+        waited = forward = 0.0
         with progress_bar(description, len(todo), self.quiet) as bar:
-            for x, idx, _, bad in loader:
+            batches = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                item = next(batches, None)
+                waited += time.perf_counter() - t0
+                if item is None:
+                    break
+                x, idx, _, bad = item
                 for j, reason in bad:
                     errors[todo[j]] = reason
                 if len(idx):
+                    t0 = time.perf_counter()
                     out = self.forward(x)
+                    forward += time.perf_counter() - t0
                     rows = [todo[j] for j in idx.tolist()]
                     feats[rows] = out
                     ok[rows] = True
                     if ns is not None:
                         ns.put([digests[r] for r in rows], out)
                 bar.advance(len(idx) + len(bad))
+        return waited, forward
