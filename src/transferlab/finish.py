@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .stages import Prepared, Trained
     from .training.plan import Plan
 
-__all__ = ["RunResult", "finish_single_label", "finetune_record", "jsonable", "run_timing"]
+__all__ = ["candidates_record", "RunResult", "finish_single_label", "finetune_record", "jsonable", "run_timing"]
 
 
 @dataclass
@@ -56,6 +56,25 @@ def finetune_record(ft: FinetuneResult | None, seconds: float) -> dict[str, Any]
     if ft is None:
         return None
     return {"seconds": round(seconds, 2), **ft.to_record()}
+
+
+def candidates_record(t: Trained) -> dict[str, Any] | None:
+    """The head's and the fine-tuned network's accuracies, whichever was kept (the other is information too):
+    the head's on validation and test from its features, the fine-tuned one's best validation and, when it was
+    kept, its test accuracy from the files."""
+    if t.ft is None or not t.head_results:
+        return None
+
+    def accuracy(res: Any) -> float | None:
+        return round(float(np.mean(res.probs.argmax(1) == res.y_true)), 4) if res is not None and len(res.y_true) else None
+
+    kept = "finetuned" if t.ft.improved else "head"
+    val_accs = [v["val_acc"] for v in t.ft.validations if v.get("val_acc") is not None]
+    return {"kept": kept,
+            "head": {"val_accuracy": accuracy(t.head_results.get("val")),
+                     "test_accuracy": accuracy(t.head_results.get("test"))},
+            "finetuned": {"best_val_accuracy": round(max(val_accs), 4) if val_accs else None,
+                          "test_accuracy": accuracy(t.results.get("test")) if kept == "finetuned" else None}}
 
 
 def run_timing(p: Prepared, t: Trained) -> tuple[dict[str, Any], float]:
@@ -96,6 +115,9 @@ def finish_single_label(p: Prepared, t: Trained, plan: Plan | None) -> RunResult
     if ft is not None and not ft.improved:
         why = " (stopped once a third of the budget had gone without gain)" if ft.stopped_unpaid else ""
         warnings.append(f"fine-tuning did not beat the head on the validation split{why}; the head was kept.")
+    if budget["still_improving"] and cfg.time_limit:
+        warnings.append(f"fine-tuning was still improving when it ended (its last validation was its best): a "
+                        f"--time-limit longer than {cfg.time_limit:g}s would likely pay.")
     if ft is not None and ft.stopped_by_time:
         warnings.append(f"training stopped by the time limit ({cfg.time_limit:g}s) after {ft.epochs_run} "
                         "fine-tuning epoch(s); the best model so far was evaluated and saved.")
@@ -145,6 +167,7 @@ def finish_single_label(p: Prepared, t: Trained, plan: Plan | None) -> RunResult
                                                             st.openset_test_accepted} if openset else None,
                                                "finetune": finetune_record(ft, t.ft_s),
                                                "strategy": plan.race if plan else None, "budget": budget,
+                                               "head_and_finetuned": candidates_record(t),
                                                "distributed": distributed_record(p.world, t.stats, t.evaluated),
                                                **extra},
                                 extra_sections=sections,

@@ -99,6 +99,7 @@ class Trained:
     ft: FinetuneResult | None = None
     ft_s: float = 0.0
     evaluated: list[int] | None = None
+    head_results: dict[str, Any] = field(default_factory=dict)  # the head's, kept when fine-tuning replaced them
 
 
 def head_probs(head: torch.nn.Module, x: np.ndarray, activate: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -216,7 +217,8 @@ def finetune_stage(p: Prepared, t: Trained, decision: Decision, plan: Plan,
     if broadcast_json(world, bool(ft.improved or not results)):
         results = evaluate_files(model, ds, cfg, task, world, info)
         evaluated = evaluation_shares(ds, world)
-    return replace(t, model=model, info=info, results=results, ft=ft, evaluated=evaluated), plan
+    return replace(t, model=model, info=info, results=results, ft=ft, evaluated=evaluated,
+                   head_results=t.results), plan
 
 
 def _saved_winner(run: Path) -> str | None:

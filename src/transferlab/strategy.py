@@ -225,15 +225,18 @@ def run_strategy(candidates: Sequence[Recipe], model: Classifier, info: Backbone
 
 def budget_record(limit_s: float | None, total_s: float, ft: FinetuneResult | None,
                   patience: float = 3.0) -> dict[str, Any]:
-    """The time limit, the seconds used and unused, and why the run ended where it did. A schedule that
-    ended ``patience`` epochs or more after its best validation had converged (early stopping's own test,
-    applied to the schedule a time limit runs to its end)."""
-    still = _epochs_without_gain(ft.validations, ft.epochs_run) if ft is not None else 0.0
+    """The time limit, the seconds used and unused, and why the run ended where it did. The fit's validations
+    are judged among themselves, not against the model it started from: it converged when its schedule
+    ended ``patience`` epochs or more after its own best validation (early stopping's own test), and it was
+    still improving when its last validation was its best (lowest loss or highest accuracy so far)."""
+    still, improving = _trend(ft.validations, ft.epochs_run) if ft is not None else (0.0, False)
     shortened = f"shortened to {ft.shortened_to} epochs to anneal before the limit" if ft and ft.shortened_to else ""
+    rising = ("still improving when the time ran out (its last validation was its best): a longer --time-limit "
+              "would likely pay")
     if ft is None:
         why = "no fine-tuning in this run"
     elif ft.stopped_by_time:
-        why = "the time limit stopped the survivor"
+        why = "the time limit stopped the survivor" + (f", {rising}" if improving else "")
     elif ft.stopped_early:
         why = "the survivor converged (early stopping on validation)"
     elif ft.stopped_unpaid:
@@ -241,20 +244,31 @@ def budget_record(limit_s: float | None, total_s: float, ft: FinetuneResult | No
     elif still >= patience:
         why = (f"the survivor had converged: its schedule ended {still:g} epochs after its best validation"
                + (f" ({shortened})" if shortened else ""))
+    elif improving and limit_s:
+        why = f"the survivor was {rising}" + (f" ({shortened})" if shortened else "")
     elif shortened:
         why = f"the survivor's schedule ended, {shortened}"
     else:
         why = "the survivor's planned epochs ended before the limit"
     return {"limit_s": limit_s, "used_s": round(total_s, 1),
             "unused_s": round(max(0.0, limit_s - total_s), 1) if limit_s else None, "why": why,
-            "epochs_without_gain": round(still, 2)}
+            "epochs_without_gain": round(still, 2), "still_improving": improving}
 
 
-def _epochs_without_gain(validations: Sequence[dict[str, Any]], epochs_run: int) -> float:
-    """Epochs from the last validation that improved on the best so far (or from the start, when none
-    beat the model the fit started from) to the end of the fit."""
-    best = [v.get("epoch") or 0.0 for v in validations if v.get("best")]
-    return max(0.0, float(epochs_run) - (max(best) if best else 0.0))
+def _trend(validations: Sequence[dict[str, Any]], epochs_run: int) -> tuple[float, bool]:
+    """Epochs from the fit's own best validation (the last pass that lowered the loss or raised the accuracy
+    below or above every pass before it) to the end of the fit, and whether that best was the last pass."""
+    best_at, low, high = None, float("inf"), float("-inf")
+    for k, v in enumerate(validations):
+        loss, acc = v.get("val_loss", v.get("train_loss")), v.get("val_acc")
+        gained = (loss is not None and loss < low) or (acc is not None and acc > high)
+        low, high = min(low, loss if loss is not None else low), max(high, acc if acc is not None else high)
+        if gained:
+            best_at = k
+    if best_at is None:
+        return float(epochs_run), False
+    epoch = validations[best_at].get("epoch") or 0.0
+    return max(0.0, float(epochs_run) - float(epoch)), best_at == len(validations) - 1
 
 
 def decision_record(race: dict[str, Any] | None) -> dict[str, Any] | None:

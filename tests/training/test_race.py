@@ -120,23 +120,35 @@ def test_portfolio_follows_the_data():
 
 
 def test_the_budget_says_why_the_run_ended_where_it_did():
-    """A schedule that ran to its end long after its best validation converged (early stopping's test, after
-    the fact); one whose last validations still gained ended by its plan; a shortened one says so."""
+    """A schedule that ran to its end long after its own best validation converged (early stopping's test,
+    after the fact); one whose validation rose at every check was still improving, even if none beat the head
+    it started from; a shortened one says so."""
     from transferlab.training.finetune import FinetuneResult
 
-    def ended(best_at: list[float], epochs: int, shortened: int | None = None) -> dict:
-        vals = [{"epoch": float(e), "best": e in best_at} for e in range(1, epochs + 1)]
-        ft = FinetuneResult(model=None, validations=vals, epochs_run=epochs, shortened_to=shortened)
+    def ended(losses: list[float], shortened: int | None = None, accs: list[float] | None = None,
+              beat_start: bool = True, by_time: bool = False) -> dict:
+        accs = accs or [None] * len(losses)
+        vals = [{"epoch": float(e), "val_loss": v, "val_acc": a, "best": beat_start and v == min(losses[:e])}
+                for e, (v, a) in enumerate(zip(losses, accs), start=1)]
+        ft = FinetuneResult(model=None, validations=vals, epochs_run=len(losses), shortened_to=shortened,
+                            stopped_by_time=by_time)
         return budget_record(900.0, 600.0, ft, patience=3)
 
-    converged = ended([1, 2, 5], 12)
+    converged = ended([0.9, 0.8, 0.85, 0.8, 0.7] + [0.75] * 7)
     assert converged["unused_s"] == 300.0 and converged["epochs_without_gain"] == 7
     assert "converged" in converged["why"] and "7 epochs after its best" in converged["why"]
-    assert "converged" in ended([], 12)["why"]  # never beat where it started: no gain in 12 epochs
-    gaining = ended([1, 5, 11], 12)
-    assert gaining["epochs_without_gain"] == 1
+    assert not converged["still_improving"]
+    # the inspection run of issue 36: accuracy rose at every check after the third, none beat the head's 0.848
+    rising = ended([0.61, 0.62, 0.63, 0.55, 0.5, 0.47, 0.42, 0.40],
+                   accs=[0.79, 0.76, 0.75, 0.80, 0.82, 0.83, 0.85, 0.855], beat_start=False)
+    assert rising["still_improving"] and rising["epochs_without_gain"] == 0
+    assert "converged" not in rising["why"] and "still improving" in rising["why"] and "--time-limit" in rising["why"]
+    stopped = ended([0.9, 0.8, 0.7], by_time=True)
+    assert stopped["why"].startswith("the time limit stopped the survivor, still improving")
+    gaining = ended([0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.44, 0.43, 0.42, 0.41, 0.40, 0.41])
+    assert gaining["epochs_without_gain"] == 1 and not gaining["still_improving"]
     assert gaining["why"] == "the survivor's planned epochs ended before the limit"
-    cut = ended([10], 12, shortened=12)
+    cut = ended([0.9] * 9 + [0.5, 0.6, 0.6], shortened=12)
     assert "shortened to 12 epochs" in cut["why"] and "converged" not in cut["why"]
     assert budget_record(None, 60.0, None)["unused_s"] is None
 
@@ -170,6 +182,10 @@ def test_a_race_on_tiny_data_records_every_candidate(digits_dir, tmp_path, monke
     assert race["survivor"]["name"] == race["winner"] and race["survivor"]["epochs_planned"] == 1
     assert race["survivor"]["mixup"] is False  # a one-epoch schedule trains on plain batches
     assert res.metrics["budget"]["limit_s"] is None
+    both = res.metrics["head_and_finetuned"]  # the network not kept is recorded too
+    assert both["kept"] == ("finetuned" if res.metrics["finetune"]["kept"] else "head")
+    assert both["head"]["val_accuracy"] is not None and both["finetuned"]["best_val_accuracy"] is not None
+    assert both[both["kept"]]["test_accuracy"] == pytest.approx(res.metrics["test"]["accuracy"], abs=1e-4)
     plan = json.loads((res.run_dir / "plan.json").read_text())
     assert plan["race"]["winner"] == race["winner"]
     config = json.loads((res.model_dir / "config.json").read_text())
