@@ -97,6 +97,23 @@ def model_only(name: str, engine: str, batch_size: int = 32, reps: int = 4) -> f
     return batch_size / best
 
 
+def decode_only(paths, name: str) -> float:
+    """Decoding and resizing alone, in the extractor's DataLoader workers (one per core), no forward pass."""
+    from torch.utils.data import DataLoader
+
+    from transferlab.data.loader import ImageFiles, collate_images, worker_init
+    from transferlab.data.transforms import EvalTransform
+    from transferlab.features.extract import default_workers
+
+    files = ImageFiles(paths, EvalTransform(create_backbone(name)[1].preprocessing))
+    loader = DataLoader(files, batch_size=32, num_workers=default_workers(), collate_fn=collate_images,
+                        prefetch_factor=4, worker_init_fn=worker_init)
+    t = time.perf_counter()
+    for _ in loader:
+        pass
+    return len(paths) / (time.perf_counter() - t)
+
+
 def auto_pick(name: str) -> tuple[str, str]:
     """What ``--engine auto`` picks here, measured afresh (a private choices file), and why."""
     os.environ["TRANSFERLAB_HOME"] = tempfile.mkdtemp(prefix="tl-auto-")
@@ -237,13 +254,19 @@ def main() -> None:
     print(f"model-only ceiling ({'bf16' if cpu_has_bf16() else 'fp32'} channels_last, random pixels, best batch size): "
           f"{ceil:.1f} img/s; "
           f"small PNG extraction at {100 * rows[1][2] / ceil:.0f}% of it")
-    print(f"\n{'engine, best of 2':<14}{'model-only':>11}{'large JPEG':>11}{'(% model)':>10}{'small PNG':>11}{'(% model)':>10}")
+    decode = {label: best_of(2, decode_only, paths, args.backbone) for label, paths in (("large", large), ("small", small))}
+    print(f"\ndecoding alone (workers, no forward): large JPEG {decode['large']:.1f} img/s, small PNG {decode['small']:.1f} img/s")
+    print("bound: the cores shared by decoding and the forward pass, 1 / (1/decode + 1/model-only)")
+    print(f"\n{'engine, best of 2':<14}{'model-only':>11}{'large JPEG':>11}{'% model':>8}{'% bound':>8}"
+          f"{'small PNG':>11}{'% model':>8}{'% bound':>8}")
     e2e = {}
     for engine in ("torch", "onnxruntime"):
         mo = best_of(2, model_only, args.backbone, engine)
         lj, sp = (best_of(2, ours_extract, paths, args.backbone, engine) for paths in (large, small))
         e2e[engine] = (lj, sp)
-        print(f"{engine:<14}{mo:>11.1f}{lj:>11.1f}{100 * lj / mo:>9.0f}%{sp:>11.1f}{100 * sp / mo:>9.0f}%")
+        bl, bs = (1 / (1 / decode[k] + 1 / mo) for k in ("large", "small"))
+        print(f"{engine:<14}{mo:>11.1f}{lj:>11.1f}{100 * lj / mo:>7.0f}%{100 * lj / bl:>7.0f}%"
+              f"{sp:>11.1f}{100 * sp / mo:>7.0f}%{100 * sp / bs:>7.0f}%")
     pick, why = isolated(auto_pick, args.backbone)
     print(f"auto picks {pick}: {why}")
     print(f"end to end, auto's engine against the PyTorch path: large JPEG {e2e[pick][0] / e2e['torch'][0]:.2f}x, "

@@ -129,6 +129,10 @@ def finish_single_label(p: Prepared, t: Trained, plan: Plan | None) -> RunResult
                "fine-tune epochs (best)": f"{ft.epochs_run} ({ft.best_epoch})" if ft else "—",
                "seed": cfg.seed, "extract (s)": f"{st.extract_s:.1f}", "train (s)": f"{timing['train_s']:.1f}",
                "total (s)": f"{total_s:.1f}"}
+    if plan is not None and "orientation" in plan.decisions:
+        o = plan.decisions["orientation"]
+        summary["orientation"] = (f"{'no up: fine-tuned with turns' if o['no_up'] else 'has an up'} (head on "
+                                  f"{o['n']} validation images: turned {o['turned']:.3f}, upright {o['upright']:.3f})")
     headline = {name: classification_metrics(res.y_true, res.probs, ds.classes, cfg.top_k)
                 for name, res in results.items() if res is not None and len(res.y_true)}
     model_cfg = {

@@ -33,7 +33,7 @@ from .events import emit
 from .finish import RunResult, jsonable
 from .planning import plan_finetune, plan_run
 from .sharing import shared_plan
-from .stages import Prepared, Trained, finetune_stage, head_stage
+from .stages import Prepared, Trained, finetune_stage, head_stage, orientation_stage
 from .strategy import with_race_estimate
 from .tasks import task_for
 from .training.callbacks import History
@@ -83,6 +83,8 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
                 info, p.ds)
     if decision.head:
         t = head_stage(p, t)
+        if decision.finetune:
+            p, plan = _judge_orientation(p, t, plan)
     t_ft = time.perf_counter()
     if decision.finetune:
         plan, decision, t = _replan(p, t, decision, plan)
@@ -95,6 +97,18 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     if not world.is_zero:  # rank 0 alone writes the run
         return RunResult(p.run, {}, p.run / "model", is_global_zero=False)
     return p.task.finish(p, t, plan)
+
+
+def _judge_orientation(p: Prepared, t: Trained, plan: Plan) -> tuple[Prepared, Plan]:
+    """Whether the data has an up, recorded in the plan; where it has none and ``--augment`` was left at its
+    default, fine-tuning turns and flips the images."""
+    check = orientation_stage(p, t) if p.cfg.augment == TrainConfig.augment else None
+    if check is None:
+        return p, plan
+    if p.world.is_zero:
+        log.info(check.line())
+    plan = replace(plan, decisions={**plan.decisions, "orientation": check.to_dict()}, reasons=[*plan.reasons, check.line()])
+    return (replace(p, cfg=replace(p.cfg, augment="orient")) if check.no_up else p), plan
 
 
 def _replan(p: Prepared, t: Trained, decision: Decision, plan: Plan) -> tuple[Plan, Decision, Trained]:

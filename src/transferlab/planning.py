@@ -85,7 +85,7 @@ def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: Ba
                       head_s=0.0)
     reasons = [r if r.startswith("before ") else f"before extraction: {r}" for r in plan.reasons]
     reasons += [f"before fine-tuning: {r}" for r in again.reasons if not r.endswith("(--image-size)")]
-    return replace(again, reasons=reasons, task=plan.task)
+    return replace(again, reasons=reasons, task=plan.task, decisions=plan.decisions)
 
 
 def _workers(cfg: Any) -> int:

@@ -27,6 +27,7 @@ from .decisions import Decision
 from .distributed import World, broadcast_json, broadcast_module
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor, default_workers
+from .orientation import OrientationCheck, TurnedView, judge_orientation
 from .predict import Predictor
 from .runtime import seed_cpu
 from .sharing import EVAL_BLOCK, evaluation_shares, extraction_shares, predict_proba_shared, shared_start
@@ -37,8 +38,8 @@ from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune
 from .training.openset import fit_knn_distance
 from .training.plan import Plan
 
-__all__ = ["Prepared", "HeadStats", "Trained", "head_stage", "finetune_stage", "finetune_config", "evaluate_files",
-           "head_probs", "OPEN_SET_ACCEPT"]
+__all__ = ["Prepared", "HeadStats", "Trained", "head_stage", "orientation_stage", "finetune_stage", "finetune_config",
+           "evaluate_files", "head_probs", "OPEN_SET_ACCEPT"]
 
 #: Share of in-distribution (validation) images the open-set threshold accepts.
 OPEN_SET_ACCEPT = 0.95
@@ -128,9 +129,7 @@ def head_stage(p: Prepared, t: Trained) -> Trained:
     extracts its share and all get every feature; rank 0 alone fits the head (the others keep an untrained
     one of the same shape, which the fine-tuning stage fills from rank 0's)."""
     cfg, task, world = p.cfg, p.task, p.world
-    extractor = FeatureExtractor(p.backbone, t.info, device=cfg.device, workers=cfg.workers,
-                                 mixed_precision=cfg.mixed_precision, quiet=cfg.quiet, engine=cfg.engine)
-    cache = None if cfg.no_cache else FeatureCache(cfg.cache_dir)
+    extractor, cache = _extractor(p, t.info)
     t0 = time.perf_counter()
     samples = t.ds.samples
     paths = [s.path for s in samples]
@@ -179,6 +178,30 @@ def head_stage(p: Prepared, t: Trained) -> Trained:
                                             ds.classes, p.run, c=fit.c, seed=cfg.seed)
     model = Classifier(t.model.backbone, fit.head, t.model.preprocessing)
     return replace(t, model=model, ds=ds, results=results, stats=stats)
+
+
+def _extractor(p: Prepared, info: BackboneInfo) -> tuple[FeatureExtractor, FeatureCache | None]:
+    """The run's feature extractor and feature cache (``None`` with ``--no-cache``)."""
+    cfg = p.cfg
+    extractor = FeatureExtractor(p.backbone, info, device=cfg.device, workers=cfg.workers,
+                                 mixed_precision=cfg.mixed_precision, quiet=cfg.quiet, engine=cfg.engine)
+    return extractor, None if cfg.no_cache else FeatureCache(cfg.cache_dir)
+
+
+def orientation_stage(p: Prepared, t: Trained) -> OrientationCheck | None:
+    """Whether the data has an up (:mod:`transferlab.orientation`): the head scores the validation images
+    turned (one extraction pass over them, cached) against upright. ``None`` where it cannot be judged: fewer
+    than 20 validation images, several processes, or multi-label."""
+    val = t.results.get("val")
+    if val is None or len(val.y_true) < 20 or p.world.active or p.task.multilabel:
+        return None
+    t0 = time.perf_counter()
+    extractor, cache = _extractor(p, t.info)
+    turned = extractor.extract(val.paths, cache, transform=TurnedView(t.info.preprocessing, p.cfg.seed),
+                               view=f"turned-{p.cfg.seed}", description="Turned validation images")
+    probs = head_probs(t.model.head, turned.features[turned.ok], p.task.activate)
+    upright = (val.probs.argmax(1) == val.y_true)[turned.ok]
+    return judge_orientation(upright, probs.argmax(1) == val.y_true[turned.ok], time.perf_counter() - t0)
 
 
 def finetune_stage(p: Prepared, t: Trained, decision: Decision, plan: Plan,

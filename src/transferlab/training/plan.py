@@ -205,6 +205,7 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     task: str = "single"  # or "multilabel"
     race: dict[str, Any] | None = None  # the race of training recipes (transferlab.strategy), once run
+    decisions: dict[str, Any] = field(default_factory=dict)  # what was judged before fine-tuning, with its figures
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (kept in ``metrics.json`` as ``plan``)."""
