@@ -65,7 +65,7 @@ class OrientationCheck:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``decisions.orientation`` in plan.json and metrics.json)."""
         return {**asdict(self), "upright": round(self.upright, 4), "turned": round(self.turned, 4),
-                "tolerance": round(self.tolerance, 4), "seconds": round(self.seconds, 2)}
+                "tolerance": round(self.tolerance, 4), "seconds": round(self.seconds, 2), "line": self.line()}
 
 
 def judge_orientation(upright_correct: np.ndarray, turned_correct: np.ndarray, seconds: float = 0.0) -> OrientationCheck:

@@ -107,7 +107,7 @@ def _judge_orientation(p: Prepared, t: Trained, plan: Plan) -> tuple[Prepared, P
         return p, plan
     if p.world.is_zero:
         log.info(check.line())
-    plan = replace(plan, decisions={**plan.decisions, "orientation": check.to_dict()}, reasons=[*plan.reasons, check.line()])
+    plan = replace(plan, decisions={**plan.decisions, "orientation": check.to_dict()})
     return (replace(p, cfg=replace(p.cfg, augment="orient")) if check.no_up else p), plan
 
 

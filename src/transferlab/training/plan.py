@@ -224,6 +224,7 @@ class Plan:
             if self.task == "multilabel" else ""
         lines = [f"plan: {task}{self.image_size}px input{native}; {ft}; estimated {est.get('total', 0):.0f}s{budget}"]
         lines += [f"  {r}" for r in self.reasons]
+        lines += [f"  {d['line']}" for d in self.decisions.values() if d.get("line")]
         return lines
 
 
