@@ -10,6 +10,13 @@ Datasets, all offline:
   fmfull                 Fashion-MNIST in full: 54,000 train / 6,000 val / 10,000 test
   digits                 scikit-learn's 1,797 digits (the demo's PNG folders, split 70/15/15, seeded)
   lfw                    scikit-image's lfw_subset: 100 faces and 100 non-faces (25x25), split 70/15/15
+Copies with the properties those lack (every split transformed alike, each image by its own seeded draw):
+  fm1000-turned          fm1000 with every picture flipped and turned at random (one of the eight flips and
+                         quarter turns): orientation-free by construction, as cells or aerial views are
+  fm1000-shifted         fm1000 inverted, at a quarter of its contrast, with Gaussian noise (sigma 8): far
+                         from ImageNet's photometry, as electroluminescence or X-ray images are
+  fm100-300px            fm100 upscaled to 300 px (bicubic): the cost of an epoch on 300 px inputs (scikit-learn
+                         and scikit-image ship no labelled photographs of 300 px or more, so not their detail)
 Fashion-MNIST needs Debian's package: `apt-get install dataset-fashion-mnist`.
 
 Each run is its own process (wall time and peak RSS are that process's); the first budget's default run
@@ -44,12 +51,45 @@ FASHION = "/usr/share/datasets/fashion-mnist"
 FM = {"fm20": (20, 20), "fm100": (100, 20), "fm1000": (1000, 200), "fmfull": (None, 600)}
 
 
+#: name -> (the dataset it copies, how each image is changed)
+DERIVED = {"fm1000-turned": ("fm1000", "turned"), "fm1000-shifted": ("fm1000", "shifted"),
+           "fm100-300px": ("fm100", "300px")}
+
+
+def derive(base: Path, out: Path, how: str) -> None:
+    """Copy every image of ``base`` into ``out`` (same folders), changed as ``how`` says."""
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    flips = [None, *Image.Transpose][:8]  # identity, both flips, three turns, both diagonal flips
+    for src in sorted(base.rglob("*.png")):
+        dst = out / src.relative_to(base)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(zlib.crc32(str(src.relative_to(base)).encode()))
+        img = Image.open(src)
+        if how == "turned":
+            k = flips[int(rng.integers(0, 8))]
+            img = img if k is None else img.transpose(k)
+        elif how == "shifted":
+            x = 255.0 - np.asarray(img.convert("L"), dtype=np.float64)
+            x = 128 + (x - 128) * 0.25 + rng.normal(0, 8, x.shape)
+            img = Image.fromarray(np.clip(x, 0, 255).astype(np.uint8), "L")
+        elif how == "300px":
+            img = img.resize((300, 300), Image.Resampling.BICUBIC)
+        img.save(dst)
+
+
 def build(name: str, root: Path) -> Path:
     """The dataset folder (made once)."""
     out = root / "data" / name
     if (out / ".done").exists():
         return out
-    if name in FM:
+    if name in DERIVED:
+        base, how = DERIVED[name]
+        derive(build(base, root), out, how)
+    elif name in FM:
         from transferlab.data.imports import import_idx
 
         per_class, val = FM[name]
