@@ -113,6 +113,8 @@ def test_train_head_mode_runs_on_either_engine_and_records_it(photos_dir, tmp_pa
                  "--no-diagnose", "--engine", engine, "--json"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["timing"]["engine"]["engine"] == engine
+    split = metrics["timing"]["extract_split"]  # where the extraction's time went
+    assert split["forward_s"] > 0 and 0 <= split["waiting_for_decoding_s"] <= metrics["timing"]["extract_s"]
     assert metrics["test"]["accuracy"] >= 0.75  # cats against coffee
 
 
@@ -138,3 +140,12 @@ def test_predict_and_serve_run_on_either_engine(trained_run, digits_dir, capsys)
     assert health["engine"] == "onnxruntime" and r.status_code == 200
     assert r.json()["label"] == got["torch"][0]["label"]
     assert load_model(trained_run.model_dir, engine="torch").engine == "torch"
+
+
+@pytest.mark.slow
+def test_evaluate_runs_on_onnx_runtime(trained_run, digits_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(trained_run.model_dir), str(digits_dir), "--out", str(out), "--engine",
+                 "onnxruntime", "--json"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] > 0.8 and (out / "report.html").is_file()

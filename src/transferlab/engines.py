@@ -279,25 +279,29 @@ def open_engine(net: torch.nn.Module, key: str, size: int, *, engine: str = "aut
         return TorchEngine(net, device, mixed_precision), EngineChoice("torch", f"PyTorch on {device.type}", cpu=cpu)
     if name == "onnxruntime":
         return onnx_engine(net, key, size), EngineChoice("onnxruntime", "--engine onnxruntime", cpu=cpu)
+    return _auto(net, key, size, device, mixed_precision, cpu)
+
+
+def _auto(net: torch.nn.Module, key: str, size: int, device: torch.device, mixed_precision: bool,
+          cpu: str) -> tuple[Engine, EngineChoice]:
+    """``auto`` on a CPU: the engine measured faster for this slot earlier, else measured now and recorded."""
     precision = "bf16" if mixed_precision and cpu_has_bf16() else "fp32"
     threads = torch.get_num_threads()
     slot = f"{key}|{size}px|{cpu}|torch {precision}|{threads} threads"
-    known = _read_choices().get(slot)
-    if known and known.get("engine") in ("torch", "onnxruntime"):
-        rates = {k: float(v) for k, v in (known.get("rates") or {}).items()}
-        reason = f"{_why(rates, precision, threads)}; measured earlier on this CPU"
-        try:
-            chosen: Engine = (onnx_engine(net, key, size) if known["engine"] == "onnxruntime"
-                              else TorchEngine(net, device, mixed_precision))
-            return chosen, EngineChoice(known["engine"], reason, rates, cpu)
-        except ExportError as exc:
-            return TorchEngine(net, device, mixed_precision), EngineChoice("torch", f"ONNX Runtime unusable: {exc}", cpu=cpu)
     torch_engine = TorchEngine(net, device, mixed_precision)
-    rates = {"torch": _rate(torch_engine, size)}
+    known = _read_choices().get(slot) or {}
+    rates = {k: float(v) for k, v in (known.get("rates") or {}).items()}
+    measured = known.get("engine") in ("torch", "onnxruntime")
+    if measured and known["engine"] == "torch":
+        return torch_engine, EngineChoice("torch", f"{_why(rates, precision, threads)}; measured earlier", rates, cpu)
+    if not measured:
+        rates = {"torch": _rate(torch_engine, size)}
     try:
         ort_engine = onnx_engine(net, key, size)
     except ExportError as exc:
         return torch_engine, EngineChoice("torch", f"ONNX Runtime unusable: {exc}", rates, cpu)
+    if measured:
+        return ort_engine, EngineChoice("onnxruntime", f"{_why(rates, precision, threads)}; measured earlier", rates, cpu)
     rates["onnxruntime"] = _rate(ort_engine, size)
     best = max(rates, key=rates.get)
     choices = _read_choices()
@@ -306,8 +310,8 @@ def open_engine(net: torch.nn.Module, key: str, size: int, *, engine: str = "aut
         write_json(_choices_file(), choices)
     except OSError as exc:  # a read-only home: measured again next time
         log.warning("cannot record the engine choice in %s (%s)", _choices_file(), exc)
-    chosen = ort_engine if best == "onnxruntime" else torch_engine
-    return chosen, EngineChoice(best, _why(rates, precision, threads), rates, cpu)
+    return (ort_engine if best == "onnxruntime" else torch_engine), EngineChoice(best, _why(rates, precision, threads),
+                                                                                  rates, cpu)
 
 
 def _why(rates: dict[str, float], precision: str, threads: int) -> str:

@@ -83,7 +83,7 @@ def run_timing(p: Prepared, t: Trained) -> tuple[dict[str, Any], float]:
     st = t.stats
     return {"extract_s": round(st.extract_s, 4), "train_s": round(st.head_s + t.ft_s, 4), "total_s": round(total_s, 4),
             "head_s": round(st.head_s, 4), "finetune_s": round(t.ft_s, 4), "features_computed": st.features_computed,
-            "features_cached": st.features_cached, "engine": st.engine}, total_s
+            "features_cached": st.features_cached, "engine": st.engine, "extract_split": st.extract_split}, total_s
 
 
 def _calibrate(results: dict[str, SplitResult]) -> tuple[dict[str, Any], np.ndarray | None]:

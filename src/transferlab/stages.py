@@ -85,6 +85,7 @@ class HeadStats:
     openset_test_accepted: float | None = None
     diagnosis: Any = None
     engine: dict[str, Any] | None = None  # which engine ran the extraction, and why
+    extract_split: dict[str, float] | None = None  # of the extraction's seconds: waiting for decoding, forward passes
 
 
 @dataclass
@@ -154,7 +155,9 @@ def head_stage(p: Prepared, t: Trained) -> Trained:
     stats = HeadStats(extract_s=time.perf_counter() - t0, features_computed=computed, features_cached=cached,
                       extracted_per_rank=ext.per_rank,
                       evaluated_per_rank=extraction_shares(samples, ext.ok, world, extractor.batch_size),
-                      engine=extractor.choice.to_dict() if extractor.choice else None)
+                      engine=extractor.choice.to_dict() if extractor.choice else None,
+                      extract_split={"waiting_for_decoding_s": round(ext.waited_s, 2),
+                                     "forward_s": round(ext.forward_s, 2)})
     task.check_train(ytr, ds.classes)
     if not world.is_zero:
         return replace(t, ds=ds, stats=stats)

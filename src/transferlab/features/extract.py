@@ -98,8 +98,8 @@ class FeatureExtractor:
                                                 device=self.device, mixed_precision=self.mixed_precision)
 
     def description(self, view: str = "eval") -> dict:
-        """What identifies these features in the cache: the two engines agree to about 1e-6 relative, not
-        bit for bit, so each keeps its own entries."""
+        """What identifies these features in the cache: the two engines' features differ in their last digits
+        (more where PyTorch runs in bf16), so each engine keeps its own entries."""
         amp = "amp" if self.mixed_precision else "fp32"
         return {"backbone": self.info.timm_name, "weights": self.info.weights_digest,
                 "cut_stage": self.info.cut_stage, "preprocessing": self.info.preprocessing.key(),
