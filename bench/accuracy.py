@@ -12,7 +12,7 @@ Datasets, all offline:
   lfw                    scikit-image's lfw_subset: 100 faces and 100 non-faces (25x25), split 70/15/15
 Copies with the properties those lack (every split transformed alike, each image by its own seeded draw):
   fm1000-turned          fm1000 with every picture flipped and turned at random (one of the eight flips and
-                         quarter turns): orientation-free by construction, as cells or aerial views are
+  fm100-turned           quarter turns): orientation-free by construction, as cells or aerial views are
   fm1000-shifted         fm1000 inverted, at a quarter of its contrast, with Gaussian noise (sigma 8): far
                          from ImageNet's photometry, as electroluminescence or X-ray images are
   fm100-300px            fm100 upscaled to 300 px (bicubic): the cost of an epoch on 300 px inputs (scikit-learn
@@ -53,7 +53,7 @@ FM = {"fm20": (20, 20), "fm100": (100, 20), "fm1000": (1000, 200), "fmfull": (No
 
 #: name -> (the dataset it copies, how each image is changed)
 DERIVED = {"fm1000-turned": ("fm1000", "turned"), "fm1000-shifted": ("fm1000", "shifted"),
-           "fm100-300px": ("fm100", "300px")}
+           "fm100-turned": ("fm100", "turned"), "fm100-300px": ("fm100", "300px")}
 
 
 def derive(base: Path, out: Path, how: str) -> None:

@@ -58,3 +58,8 @@ def test_orientation_is_refused_on_digits_and_accepted_on_a_turned_copy(digits_d
     assert not verdicts["digits"]["no_up"], verdicts
     assert verdicts["digits"]["turned"] < verdicts["digits"]["upright"] - 0.2
     assert verdicts["turned"]["no_up"], verdicts
+    # an --augment given by the user is kept: nothing is judged
+    res = train(turned_digits, tmp_path / "light", mode="auto", ft_epochs=1, image_size=64, workers=0, quiet=True,
+                diagnose=False, recipe="single", augment="light")
+    assert "orientation" not in res.metrics["plan"]["decisions"]
+    assert json.loads((res.model_dir / "config.json").read_text())["training"]["config"]["augment"] == "light"

@@ -47,7 +47,8 @@ class TrainConfig:
         5 epochs or more, single-label; see :func:`transferlab.training.finetune.mixes`).
     ft_drop_path: stochastic depth's rate at the deepest residual block in fine-tuning (default 0: it did not
         pay in a 15-minute schedule; BENCHMARKS.md, "Figures behind the defaults").
-    augment: ``none|light|strong`` for fine-tuning; aug_views: augmented views cached per image (head).
+    augment: ``auto|none|light|strong|orient`` for fine-tuning (``auto``: ``light``, or ``orient`` where the
+        data has no up, judged by :mod:`transferlab.orientation`); aug_views: augmented views cached per image (head).
     balance: ``none|weights|sampler`` against class imbalance (the loss weighted by inverse class
         frequency, or a sampler that draws the classes evenly).
     time_limit: seconds for the whole run; training stops in time to evaluate and save.
@@ -88,7 +89,7 @@ class TrainConfig:
     freeze_epochs: int = 1
     unfreeze: str = "all"
     frozen_stride: int = 4
-    augment: str = "light"
+    augment: str = "auto"
     grad_clip: float | None = 1.0
     time_limit: float | None = None
     accelerator: str = "auto"
@@ -136,8 +137,8 @@ class TrainConfig:
             raise ConfigError(f"mixup {self.ft_mixup!r}: expected one of {', '.join(MIXUP_CHOICES)}.")
         if not 0.0 <= self.ft_drop_path < 1.0:
             raise ConfigError(f"drop_path {self.ft_drop_path}: expected a probability in [0, 1).")
-        if self.augment not in AUGMENT_PRESETS:
-            raise ConfigError(f"augment {self.augment!r}: expected one of {', '.join(AUGMENT_PRESETS)}.")
+        if self.augment not in ("auto", *AUGMENT_PRESETS):
+            raise ConfigError(f"augment {self.augment!r}: expected one of auto, {', '.join(AUGMENT_PRESETS)}.")
         if self.frozen_stride < 0:
             raise ConfigError(f"frozen_stride {self.frozen_stride}: expected 0 (train every stage) or a stride.")
         if self.unfreeze != "all" and not str(self.unfreeze).isdigit():

@@ -100,15 +100,15 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
 
 
 def _judge_orientation(p: Prepared, t: Trained, plan: Plan) -> tuple[Prepared, Plan]:
-    """Whether the data has an up, recorded in the plan; where it has none and ``--augment`` was left at its
-    default, fine-tuning turns and flips the images."""
-    check = orientation_stage(p, t) if p.cfg.augment == TrainConfig.augment else None
+    """With ``--augment auto`` (the default), whether the data has an up, recorded in the plan: fine-tuning
+    turns and flips the images where it has none, and augments lightly where it has one."""
+    check = orientation_stage(p, t) if p.cfg.augment == "auto" else None
     if check is None:
         return p, plan
     if p.world.is_zero:
         log.info(check.line())
     plan = replace(plan, decisions={**plan.decisions, "orientation": check.to_dict()})
-    return (replace(p, cfg=replace(p.cfg, augment="orient")) if check.no_up else p), plan
+    return replace(p, cfg=replace(p.cfg, augment="orient" if check.no_up else "light")), plan
 
 
 def _replan(p: Prepared, t: Trained, decision: Decision, plan: Plan) -> tuple[Plan, Decision, Trained]:

@@ -145,9 +145,9 @@ def head_stage(p: Prepared, t: Trained) -> Trained:
     if cfg.aug_views:
         train_paths = [keep[i].path for i in rows["train"]]
         for k in range(cfg.aug_views):
-            aug = _SeededView(TrainTransform(t.info.preprocessing, cfg.augment if cfg.augment != "none" else "light"),
-                              cfg.seed, k)
-            view = extractor.extract(train_paths, cache, transform=aug, view=f"aug-{cfg.augment}-{cfg.seed}-{k}",
+            preset = cfg.augment if cfg.augment not in ("none", "auto") else "light"
+            aug = _SeededView(TrainTransform(t.info.preprocessing, preset), cfg.seed, k)
+            view = extractor.extract(train_paths, cache, transform=aug, view=f"aug-{preset}-{cfg.seed}-{k}",
                                      description=f"Augmented view {k + 1}/{cfg.aug_views}", world=world)
             xtr = np.concatenate([xtr, view.features[view.ok]])
             ytr = np.concatenate([ytr, y[rows["train"]][view.ok]])
@@ -265,7 +265,8 @@ def finetune_config(cfg: TrainConfig, plan: Plan, use_head: bool, deadline: floa
         discard_after_s=plan.budget_s / 3 if plan.budget_s else None,  # without a limit: early stopping only
         unfreeze=cfg.unfreeze, frozen_stride=cfg.frozen_stride, weight_decay=cfg.weight_decay,
         label_smoothing=0.0 if multilabel else cfg.ft_label_smoothing,
-        batch_size=cfg.ft_batch_size, patience=cfg.ft_patience, grad_clip=cfg.grad_clip, augment=cfg.augment,
+        batch_size=cfg.ft_batch_size, patience=cfg.ft_patience, grad_clip=cfg.grad_clip,
+        augment="light" if cfg.augment == "auto" else cfg.augment,
         mixup=cfg.ft_mixup, drop_path=cfg.ft_drop_path, class_weights=class_weights,
         balance_sampler=cfg.balance == "sampler", seed=cfg.seed,
         workers=default_workers() if cfg.workers is None else cfg.workers, accelerator=cfg.accelerator,

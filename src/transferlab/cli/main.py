@@ -18,8 +18,8 @@ from .data_commands import cache_app, data_app
 
 _STARTED_AT = process_started_at()  # --time-limit counts from here: the user's clock, imports included
 _D = TrainConfig()  # every default of train's options (and the default backbone) comes from here
-ENGINE_OPTION = typer.Option("auto", "--engine", help="What runs the frozen backbone: auto (the faster on this CPU, "
-                             "measured once and cached), torch or onnxruntime.")
+ENGINE_OPTION = typer.Option(_D.engine, "--engine", help="What runs the frozen backbone's forward passes: auto (the "
+                             "faster on this CPU, measured once and cached), torch or onnxruntime.")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a folder of labelled images into an image classifier by transfer learning.")
@@ -169,7 +169,8 @@ def train_cmd(
     frozen_stride: int = typer.Option(_D.frozen_stride, "--frozen-stride", help="Pretrained stages at this output stride or "
                                       "finer stay frozen when fine-tuning (0: train them too)."),
     augment: str = typer.Option(_D.augment, "--augment",
-                                help="none, light, strong or orient (flips and 90-degree turns) in fine-tuning."),
+                                help="auto, none, light, strong or orient (flips and 90-degree turns) in fine-tuning; "
+                                     "auto: light, or orient where the head finds the data has no up."),
     recipe: str = typer.Option(_D.recipe, "--recipe",
                                help="race: race a few training recipes on validation and give the winner the rest "
                                     "of the budget; single: the one fine-tuning recipe."),
@@ -208,8 +209,7 @@ def train_cmd(
     num_nodes: int = typer.Option(_D.num_nodes, "--num-nodes"),
     mixed_precision: bool = typer.Option(_D.mixed_precision, "--amp/--no-amp",
                                          help="Mixed precision (bf16 on CPU, AMP on CUDA)."),
-    engine: str = typer.Option(_D.engine, "--engine", help="What runs the frozen backbone's forward passes: auto "
-                               "(the faster on this CPU, measured once and cached), torch or onnxruntime."),
+    engine: str = ENGINE_OPTION,
     top_k: str = typer.Option(",".join(map(str, _D.top_k)), "--top-k", help="Top-k accuracies to report, e.g. 1,3,5."),
     dedupe: bool = typer.Option(_D.dedupe, "--dedupe", help="Remove exact duplicates across splits from val/test."),
     diagnose: bool = typer.Option(_D.diagnose, "--diagnose/--no-diagnose",

@@ -253,7 +253,7 @@ def serve(model_path: str | os.PathLike[str], host: str = "127.0.0.1", port: int
     import uvicorn
 
     # fail fast with a clear error before starting workers; the engine's measurement and graph are cached for them
-    log.info("%s", load_model(model_path, engine=engine).engine)
+    log.info("%s", load_model(model_path, engine=engine).choice.line())
     if not api_key and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                     "(give --api-key or set TRANSFERLAB_API_KEY)", host)

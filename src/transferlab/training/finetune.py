@@ -80,7 +80,7 @@ class FinetuneConfig:
     batch_size: int = TrainConfig.ft_batch_size
     patience: int | None = TrainConfig.ft_patience  # None: no early stopping (a non-finite loss still stops)
     grad_clip: float | None = TrainConfig.grad_clip
-    augment: str = TrainConfig.augment
+    augment: str = "light"
     class_weights: Sequence[float] | None = None
     balance_sampler: bool = False
     seed: int = TrainConfig.seed
