@@ -256,8 +256,8 @@ def budget_record(limit_s: float | None, total_s: float, ft: FinetuneResult | No
 
 
 def _trend(validations: Sequence[dict[str, Any]], epochs_run: int) -> tuple[float, bool]:
-    """Epochs from the fit's own best validation (the last pass that lowered the loss or raised the accuracy
-    below or above every pass before it) to the end of the fit, and whether that best was the last pass."""
+    """Epochs from the fit's own best validation (the last pass whose loss was the lowest so far, or whose
+    accuracy the highest) to the end of the fit, and whether that best was the last pass."""
     best_at, low, high = None, float("inf"), float("-inf")
     for k, v in enumerate(validations):
         loss, acc = v.get("val_loss", v.get("train_loss")), v.get("val_acc")
