@@ -12,7 +12,6 @@ threads), keeps the result in ``choices.json`` beside the graphs, and says what 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import json
 import logging
@@ -30,13 +29,14 @@ import torch
 from torch import nn
 
 from ._io import atomic_path, transferlab_home, write_json
+from .backbones.weights import state_digest
 from .errors import ConfigError, ExportError
 from .runtime import FrozenGraph, autocast, cpu_has_bf16, to_device_batch
 
 log = logging.getLogger("transferlab")
 
 __all__ = ["ENGINES", "Engine", "EngineChoice", "TorchEngine", "OrtEngine", "engine_name", "open_engine",
-           "onnx_engine", "static_same_padding", "weights_digest", "cpu_model", "engines_dir", "AGREEMENT"]
+           "onnx_engine", "write_onnx", "set_onnx_metadata", "static_same_padding", "network_key", "weights_digest", "cpu_model", "engines_dir", "AGREEMENT"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 _ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "pytorch": "torch"}
@@ -128,13 +128,9 @@ def engines_dir() -> Path:
 
 
 def weights_digest(net: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, shapes, bytes) of ``net``: what an ONNX graph is keyed by."""
-    h = hashlib.sha256()
-    for name, t in itertools.chain(net.named_parameters(), net.named_buffers()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """:func:`~transferlab.backbones.weights.state_digest` of every parameter and buffer of ``net`` (the input
+    normalisation's non-persistent ones too): what an ONNX graph is keyed by."""
+    return state_digest(dict(itertools.chain(net.named_parameters(), net.named_buffers())))
 
 
 def cpu_model() -> str:
@@ -150,6 +146,11 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def network_key(name: str, cut_stage: int | None = None) -> str:
+    """What names a frozen network in the engines' cache: its timm name, and its cut when it has one."""
+    return f"{name}-cut{cut_stage}" if cut_stage else name
+
+
 def _slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:80]
 
@@ -161,7 +162,7 @@ def onnx_engine(net: torch.nn.Module, key: str, size: int, threads: int | None =
     Raises:
         ExportError: the network cannot be exported, or the exported graph disagrees with PyTorch."""
     digest = weights_digest(net)
-    path = engines_dir() / f"{_slug(key)}-{size}px-{digest[:16]}.onnx"
+    path = engines_dir() / f"{_slug(key)}-{size}px-{digest}.onnx"
     if path.is_file():
         try:
             engine = OrtEngine(path, threads)
@@ -177,32 +178,44 @@ def onnx_engine(net: torch.nn.Module, key: str, size: int, threads: int | None =
 
 def _export(net: torch.nn.Module, size: int, path: Path, digest: str) -> None:
     """Write ``net`` as an fp32 ONNX graph with a dynamic batch, check it against PyTorch, then move it into place."""
-    import onnx
     import onnxruntime as ort
 
     model = copy.deepcopy(net).float().eval().to(memory_format=torch.contiguous_format)
     x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         reference = model(x).float().numpy()
-    static_same_padding(model, x)  # on the copy: the original keeps its size-independent padding
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(model, (x,), str(tmp), input_names=["pixels"], output_names=["features"],
-                                  dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
-                                  dynamo=False)
-            graph = onnx.load(str(tmp))
-            graph.metadata_props.add(key="transferlab_weights_digest", value=digest)
-            graph.metadata_props.add(key="input", value=f"uint8 RGB pixels, NCHW, {size}x{size}")
-            onnx.save(graph, str(tmp))
+        try:  # on the copy: the original keeps its size-independent padding
+            write_onnx(model, x, tmp, "features", {"transferlab_weights_digest": digest,
+                                                   "input": f"uint8 RGB pixels, NCHW, {size}x{size}"})
             got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"pixels": x.numpy()})[0]
         except Exception as exc:  # noqa: BLE001 - an architecture the exporter cannot handle
             raise ExportError(f"cannot export the network to ONNX: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         diff = float(np.abs(got - reference).max() / max(float(np.abs(reference).max()), 1e-12))
         if not diff <= AGREEMENT:
             raise ExportError(f"the ONNX graph disagrees with PyTorch: relative difference {diff:.1e} > {AGREEMENT:g}")
+
+
+def write_onnx(net: nn.Module, example: torch.Tensor, path: Path, output: str, meta: dict[str, str]) -> None:
+    """Trace ``net`` (TF "same" padding made static for ``example``'s size, in place) to an ONNX graph at ``path``:
+    uint8 ``pixels`` in, ``output`` out, a dynamic batch, and ``meta`` as its metadata."""
+    static_same_padding(net, example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (example,), str(path), input_names=["pixels"], output_names=[output],
+                          dynamic_axes={"pixels": {0: "batch"}, output: {0: "batch"}}, opset_version=17, dynamo=False)
+    set_onnx_metadata(path, meta)
+
+
+def set_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Replace the ONNX file's metadata with ``meta``."""
+    import onnx
+
+    m = onnx.load(str(path))
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(path))
 
 
 def static_same_padding(net: nn.Module, example: torch.Tensor) -> int:

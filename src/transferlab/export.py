@@ -30,8 +30,8 @@ from ._io import file_digest, write_json
 from .artifacts import build_classifier, open_artifact
 from .data.images import load_image
 from .data.transforms import EvalTransform
-from .engines import static_same_padding
-from .errors import ArtifactError, ConfigError, ExportError
+from .engines import set_onnx_metadata, write_onnx
+from .errors import ConfigError, ExportError
 
 __all__ = ["export_model", "int8_verdict", "describe_int8", "ProbabilityModel", "FORMATS"]
 
@@ -223,25 +223,14 @@ def _export_torchscript(net: nn.Module, x: torch.Tensor, out: Path, meta: dict[s
 
 
 def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
-    static_same_padding(net, example)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (example,), str(tmp), input_names=["pixels"], output_names=["probabilities"],
-                          dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-    _finish_onnx(tmp, out, meta)
+    write_onnx(net, example, tmp, "probabilities", meta)
+    os.replace(tmp, out)
 
 
 def _finish_onnx(tmp: Path, out: Path, meta: dict[str, str]) -> None:
     """Set the file's metadata to ``meta`` (replacing any), then move it into place atomically."""
-    import onnx
-
-    m = onnx.load(str(tmp))
-    del m.metadata_props[:]
-    for k, v in meta.items():
-        m.metadata_props.add(key=k, value=v)
-    onnx.save(m, str(tmp))
+    set_onnx_metadata(tmp, meta)
     os.replace(tmp, out)
 
 

@@ -105,8 +105,7 @@ def _judge_orientation(p: Prepared, t: Trained, plan: Plan) -> tuple[Prepared, P
     check = orientation_stage(p, t) if p.cfg.augment == "auto" else None
     if check is None:
         return p, plan
-    if p.world.is_zero:
-        log.info(check.line())
+    # printed with the plan, which is announced again before fine-tuning
     plan = replace(plan, decisions={**plan.decisions, "orientation": check.to_dict()})
     return replace(p, cfg=replace(p.cfg, augment="orient" if check.no_up else "light")), plan
 

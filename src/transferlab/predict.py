@@ -22,7 +22,7 @@ from .data.images import is_image_path, to_rgb
 from .data.loader import ImageFiles, collate_images, worker_init
 from .data.transforms import EvalTransform, Preprocessing
 from .errors import ConfigError
-from .engines import Engine, EngineChoice, engine_name, open_engine
+from .engines import Engine, EngineChoice, engine_name, network_key, open_engine
 from .probability import sigmoid, softmax
 from .runtime import pick_device, prepare_model
 
@@ -132,8 +132,7 @@ class Predictor:
         """The engine that runs the frozen backbone (chosen on first use); the head runs in PyTorch."""
         if self._engine is None:
             bb = self.config.get("backbone") or {}
-            key = str(bb.get("timm_name") or bb.get("name") or "backbone")
-            key += f"-cut{bb['cut_stage']}" if bb.get("cut_stage") else ""
+            key = network_key(str(bb.get("timm_name") or bb.get("name") or "backbone"), bb.get("cut_stage"))
             self._engine, self._choice = open_engine(torch.nn.Sequential(self.model.normalize, self.model.backbone),
                                                     key, self.preprocessing.size, engine=self.engine_request,
                                                     device=self.device, mixed_precision=self.mixed_precision)

@@ -23,7 +23,7 @@ from ..backbones.models import BackboneInfo, FeatureBackbone, Normalize
 from ..data.loader import ImageFiles, collate_images, worker_init
 from ..data.transforms import EvalTransform
 from ..distributed import SINGLE, World, all_gather_json, all_gather_rows, owners
-from ..engines import Engine, EngineChoice, open_engine
+from ..engines import Engine, EngineChoice, network_key, open_engine
 from ..runtime import pick_device, prepare_model
 from .cache import CacheNamespace, FeatureCache
 
@@ -81,7 +81,7 @@ class FeatureExtractor:
         pre = info.preprocessing
         self.net = prepare_model(nn.Sequential(Normalize(pre.mean, pre.std), backbone).eval(), self.device)
         self.engine_request = engine
-        self.key = f"{info.timm_name}-cut{info.cut_stage}" if info.cut_stage else info.timm_name
+        self.key = network_key(info.timm_name, info.cut_stage)
         self._engine: Engine | None = None
         self.choice: EngineChoice | None = None
         self.images_forwarded = 0
