@@ -33,6 +33,11 @@ class Decision:
     notes: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
 
+    @property
+    def cached(self) -> bool:
+        """Every candidate fine-tunes on cached activations, so the plan counts that path's costs."""
+        return bool(self.candidates) and all(c.options.get("cached") for c in self.candidates)
+
 
 def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = ()) -> list[Recipe]:
     """The recipes to race: ``names`` if given, else chosen from the images' shorter side ``native``, the

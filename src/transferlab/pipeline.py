@@ -75,7 +75,8 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
                       task=p.task.name, distributed=world.active, native=native_size(p.ds.infos),
                       n_train=p.ds.split_sizes()["train"])
     _warn(p, decision.notes)
-    plan = shared_plan(world, lambda: plan_run(p.ds, cfg, p.backbone, p.info, decision.finetune, p.wall_start))
+    plan = shared_plan(world, lambda: plan_run(p.ds, cfg, p.backbone, p.info, decision.finetune, p.wall_start,
+                                               cached=decision.cached))
     plan = replace(plan, reasons=[*plan.reasons, *decision.reasons])
     info = replace(p.info, preprocessing=replace(p.info.preprocessing, size=plan.image_size))
     _announce(plan, p.run, world)
@@ -113,7 +114,8 @@ def _judge_orientation(p: Prepared, t: Trained, plan: Plan) -> tuple[Prepared, P
 def _replan(p: Prepared, t: Trained, decision: Decision, plan: Plan) -> tuple[Plan, Decision, Trained]:
     """The plan again before fine-tuning, on measured costs and the time left; when it leaves nothing to
     train, the fallback's choice (the head stage runs then if it had not)."""
-    plan = shared_plan(p.world, lambda: plan_finetune(plan, t.ds, p.cfg, t.model, t.info, t.stats, p.wall_start))
+    plan = shared_plan(p.world, lambda: plan_finetune(plan, t.ds, p.cfg, t.model, t.info, t.stats, p.wall_start,
+                                                      cached=decision.cached))
     head_ran = decision.head
     decision, least_epochs, why = fallback(decision, plan.finetune, t.info.pretrained)
     if why is not None:

@@ -14,6 +14,7 @@ from typing import Any
 from .backbones.models import BackboneInfo, Classifier, FeatureBackbone, build_head
 from .data.scan import Dataset
 from .features.extract import default_workers
+from .training.cached import split_top
 from .training.finetune import backbone_stages, early_stages
 from .training.plan import Costs, Plan, candidate_sizes, make_plan, measure_costs, native_size, sample_paths, \
     useful_size
@@ -23,18 +24,24 @@ __all__ = ["plan_run", "plan_finetune", "head_seconds"]
 log = logging.getLogger("transferlab")
 
 
-def _trainable(model: Classifier, info: BackboneInfo, frozen_stride: int) -> list[Any]:
+def _trainable(model: Classifier, info: BackboneInfo, frozen_stride: int, cached: bool = False) -> list[Any]:
+    """The parameters a fine-tuning step updates: the top stages and the head when it trains on cached
+    activations (its epochs then cost about a forward pass and the top's backward pass each), else all but
+    the frozen early stages."""
+    split = split_top(model) if cached else None
+    if split is not None:
+        return list(split.upper.parameters())
     stages = backbone_stages(model.backbone)
     frozen = early_stages(model.backbone, stages, info.preprocessing.size, frozen_stride) if info.pretrained else 0
     return [p for s in stages[frozen:] for p in s] + list(model.head.parameters())
 
 
 def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInfo, finetune: bool,
-             started_at: float) -> Plan:
+             started_at: float, cached: bool = False) -> Plan:
     """The first plan: input size (from the images' resolution and the budget) and a first estimate.
 
     ``cfg`` is the run's :class:`~transferlab.config.TrainConfig`; ``started_at`` the ``time.time()``
-    from which its ``time_limit`` counts.
+    from which its ``time_limit`` counts; ``cached``: fine-tuning trains the top stages on cached activations.
     """
     n = ds.split_sizes()
     native = native_size(ds.infos)
@@ -49,7 +56,7 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
     model = Classifier(backbone, build_head(info.num_features, len(ds.classes)), info.preprocessing)
     train_paths = [s.path for s in ds.samples if s.split == "train"]
     costs = measure_costs(model, info.preprocessing, sizes, sample_paths(train_paths, seed=cfg.seed),
-                          batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride),
+                          batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride, cached),
                           mixed_precision=cfg.mixed_precision, workers=_workers(cfg), train=finetune)
     if not finetune:
         costs = Costs(costs.eval_s, {s: 0.0 for s in costs.eval_s})
@@ -68,14 +75,14 @@ def head_seconds(n_train: int) -> float:
 
 
 def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: BackboneInfo, stats: Any,
-                  started_at: float) -> Plan:
+                  started_at: float, cached: bool = False) -> Plan:
     """The plan again before fine-tuning, on costs measured at the chosen size (a few training steps,
     and the extraction just done: ``stats``, the head stage's :class:`~transferlab.stages.HeadStats`) and
     with the time actually left."""
     n = ds.split_sizes()
     train_paths = [s.path for s in ds.samples if s.split == "train"]
     costs = measure_costs(model, info.preprocessing, [plan.image_size], sample_paths(train_paths, seed=cfg.seed),
-                          batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride),
+                          batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride, cached),
                           mixed_precision=cfg.mixed_precision, workers=_workers(cfg), train=True)
     if stats.features_computed >= 256 and stats.extract_s > 0:  # measured on the real files
         costs.eval_s[plan.image_size] = stats.extract_s / stats.features_computed

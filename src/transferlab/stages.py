@@ -237,6 +237,8 @@ def finetune_stage(p: Prepared, t: Trained, decision: Decision, plan: Plan,
     else:
         ft = fit_finetune(t.model, *train_xy, *val_xy, ft_cfg, p.run, p.history, resume=p.resume,
                           pretrained=info.pretrained)
+    if ft.decisions:  # what the fit decided before it trained (the BatchNorm policy on cached activations)
+        plan = replace(plan, decisions={**plan.decisions, **ft.decisions})
     model = broadcast_module(world, ft.model)  # every rank evaluates rank 0's weights
     results, evaluated = t.results, None
     # evaluated again from the files, unless the head was kept (its results came from its features)

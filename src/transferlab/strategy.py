@@ -25,12 +25,13 @@ from typing import Any, Callable, Sequence
 from .backbones.models import BackboneInfo, Classifier, build_head, create_backbone
 from .events import emit
 from .training.callbacks import History
+from .training.cached import fit_cached, split_top
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune, precision_for
 from .training.plan import Plan, measure_costs, sample_paths
 from .training.race import RACE_SHARE, Race, RungResult, rung_sizes, slice_seconds, successive_halving
 from .training.recipes import Recipe
 
-__all__ = ["run_strategy", "with_race_estimate", "StrategyOutcome", "budget_record", "decision_record"]
+__all__ = ["run_strategy", "fit_recipe", "with_race_estimate", "StrategyOutcome", "budget_record", "decision_record"]
 
 log = logging.getLogger("transferlab")
 
@@ -101,8 +102,18 @@ def _start(c: Recipe, ctx: _Context, base: FinetuneConfig) -> tuple[Classifier, 
 def _fit(c: Recipe, ctx: _Context, base: FinetuneConfig, run_dir: Path, history: History,
          resume: bool = False) -> tuple[FinetuneResult, BackboneInfo]:
     model, info, cfg, pretrained = _start(c, ctx, base)
-    ft = fit_finetune(model, *ctx.train, *ctx.val, cfg, run_dir, history, resume=resume, pretrained=pretrained)
-    return ft, info
+    return fit_recipe(model, ctx.train, ctx.val, cfg, run_dir, history, resume=resume, pretrained=pretrained), info
+
+
+def fit_recipe(model: Classifier, train: tuple[list[str], list[Any]], val: tuple[list[str], list[Any]],
+               cfg: FinetuneConfig, run_dir: Path, history: History, *, resume: bool = False,
+               pretrained: bool = True) -> FinetuneResult:
+    """Fine-tune as ``cfg`` says: on cached activations (``cfg.cached``) where the network can be cut there
+    and one process trains one label per image, else end to end from the files."""
+    if cfg.cached and pretrained and not cfg.multilabel and not resume and split_top(model) is not None \
+            and (cfg.devices in (1, "1", "auto") and cfg.num_nodes == 1):
+        return fit_cached(model, *train, *val, cfg, run_dir, history)
+    return fit_finetune(model, *train, *val, cfg, run_dir, history, resume=resume, pretrained=pretrained)
 
 
 def _rung(c: Recipe, ctx: _Context, seconds: float, rung: int) -> RungResult:

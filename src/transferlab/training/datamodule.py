@@ -20,7 +20,7 @@ from ..data.loader import ImageFiles, collate_images, worker_init
 from ..data.transforms import EvalTransform, Preprocessing, TrainTransform
 from ..runtime import seed_cpu
 
-__all__ = ["FinetuneData", "EpochSeededSampler"]
+__all__ = ["FinetuneData", "EpochSeededSampler", "TrainFiles"]
 
 #: Validation batches are only forward passes, so they can be larger than training batches.
 VAL_BATCH = 64
@@ -51,7 +51,7 @@ class EpochSeededSampler(Sampler[int]):
         return iter((base + order).tolist())
 
 
-class _TrainFiles(ImageFiles):
+class TrainFiles(ImageFiles):
     """Training items: the epoch comes encoded in the index; augmentation is seeded per (seed, epoch, file)."""
 
     def __init__(self, paths, transform, labels, seed: int) -> None:
@@ -83,7 +83,7 @@ class FinetuneData(L.LightningDataModule):
         super().__init__()
         self.batch_size, self.workers = batch_size, workers
         y = np.asarray(train_labels, dtype=np.int64)
-        self.train_set = _TrainFiles(list(train_paths), TrainTransform(pre, augment), y.tolist(), seed)
+        self.train_set = TrainFiles(list(train_paths), TrainTransform(pre, augment), y.tolist(), seed)
         weights = 1.0 / np.bincount(y).astype(np.float64)[y] if balance_sampler else None
         self.sampler = EpochSeededSampler(len(self.train_set), seed, weights)
         self.val_set = ImageFiles(list(val_paths), EvalTransform(pre),

@@ -39,7 +39,7 @@ from .module import ClassifierModule
 from .trainer import make_trainer
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "fit_finetune", "backbone_stages", "early_stages", "StageUnfreeze",
-           "Deadline", "precision_for", "mixes", "batch_mixer", "stochastic_depth", "LR_SPREAD", "WARMUP",
+           "Deadline", "precision_for", "mixes", "param_groups", "batch_mixer", "stochastic_depth", "LR_SPREAD", "WARMUP",
            "MIXUP_MIN_EPOCHS"]
 
 #: Ratio of the top stage's learning rate to the stem's (fastai's ``slice(lr/100, lr)``).
@@ -98,6 +98,7 @@ class FinetuneConfig:
     cpu_bf16: bool = False  # train in bf16 on a CPU that has it (a plain CNN: 2x; depthwise convolutions: slower)
     drop_path: float = TrainConfig.ft_drop_path  # stochastic depth's rate at the deepest block (stochastic_depth)
     keep_final: bool = False  # a schedule run to its end keeps its final weights, not its best validated ones
+    cached: bool = False  # train the top stages on cached activations of the frozen lower ones (training.cached)
     quiet: bool = False
 
 
@@ -119,11 +120,13 @@ class FinetuneResult:
     kept_weights: str = "best"  # "best" validated, or "final" (keep_final and the schedule ran to its end)
     mixup: bool = False  # trained on mixed batches (MixUp or CutMix)
     drop_path: float = 0.0  # stochastic depth's deepest rate in training
+    cached: dict[str, Any] | None = None  # a fit on cached activations: what was cached, its speed
+    decisions: dict[str, Any] = field(default_factory=dict)  # what the fit decided before training, with figures
 
     def to_record(self) -> dict[str, Any]:
         """What fine-tuning did, for ``metrics.json``: every validation pass, whether its result was kept,
         which weights, how it trained and why it stopped."""
-        return {"epochs_run": self.epochs_run, "kept": self.improved, "stopped_early": self.stopped_early,
+        return {**({"cached": self.cached} if self.cached else {}), "epochs_run": self.epochs_run, "kept": self.improved, "stopped_early": self.stopped_early,
                 "stopped_by_time": self.stopped_by_time, "stopped_unpaid": self.stopped_unpaid,
                 "shortened_to": self.shortened_to, "weights": self.kept_weights, "mixup": self.mixup,
                 "drop_path": self.drop_path, "validations": self.validations}
@@ -177,6 +180,20 @@ def early_stages(model: nn.Module, stages: list[list[nn.Parameter]], size: int, 
             break
         count += 1
     return count
+
+
+def param_groups(model: Classifier, stages: list[list[nn.Parameter]], cfg: FinetuneConfig,
+                 pretrained: bool = True) -> list[dict[str, Any]]:
+    """Optimiser groups: the head at ``head_lr`` (or ``lr``), then each pretrained stage at a rate spread
+    geometrically from ``lr / LR_SPREAD`` at the stem to ``lr`` at the top; from scratch every layer is new
+    and trains at the head's rate."""
+    groups: list[dict[str, Any]] = [{"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr}]
+    if not pretrained:
+        return groups + [{"params": [p for s in stages for p in s], "lr": cfg.head_lr or cfg.lr}]
+    top, bottom, n = cfg.lr, cfg.lr / LR_SPREAD, len(stages)
+    for i, stage in enumerate(stages):
+        groups.append({"params": stage, "lr": bottom * (top / bottom) ** (i / max(1, n - 1))})
+    return groups
 
 
 def _stage_modules(model: nn.Module, stages: list[list[nn.Parameter]]) -> list[list[nn.Module]]:
@@ -270,15 +287,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     stages = backbone_stages(model.backbone)
     bns = _stage_modules(model.backbone, stages)
     freeze_epochs = cfg.freeze_epochs if pretrained else 0
-    n = len(stages)
-    groups: list[dict[str, Any]] = [{"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr}]
-    if pretrained:
-        top, bottom = cfg.lr, cfg.lr / LR_SPREAD
-        for i, stage in enumerate(stages):
-            frac = i / max(1, n - 1)
-            groups.append({"params": stage, "lr": bottom * (top / bottom) ** frac})
-    else:  # from scratch: every layer is new, so all of them train at the new head's rate
-        groups.append({"params": [p for s in stages for p in s], "lr": cfg.head_lr or cfg.lr})
+    groups = param_groups(model, stages, cfg, pretrained)
     model = model.to(memory_format=torch.channels_last)
     keep_freed_memory()
     mix = batch_mixer(_n_outputs(model.head), cfg.label_smoothing) if mixes(cfg, pretrained) else None

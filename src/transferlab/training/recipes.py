@@ -75,6 +75,8 @@ register_recipe(Recipe("bn-adapt", "fine-tune from the head with BatchNorm stati
                        options={"train_bn": True}))
 register_recipe(Recipe("orient", "fine-tune from the head with flips on both axes and quarter turns",
                        options={"augment": "orient"}))
+register_recipe(Recipe("top", "fine-tune the top stages and the head on cached activations of the frozen lower "
+                       "stages: many epochs per CPU-minute, BatchNorm policy raced", options={"cached": True}))
 register_recipe(Recipe("transfer", "fine-tune the pretrained network from a new head", from_head=False))
 register_recipe(Recipe("scratch", "a compact CNN (simple_cnn) from scratch at the images' own resolution",
                        from_head=False, backbone="simple_cnn",
