@@ -60,8 +60,8 @@ def finetune_record(ft: FinetuneResult | None, seconds: float) -> dict[str, Any]
 
 def candidates_record(t: Trained) -> dict[str, Any] | None:
     """The head's and the fine-tuned network's accuracies, whichever was kept (the other is information too):
-    the head's on validation and test from its features, the fine-tuned one's best validation and, when it was
-    kept, its test accuracy from the files."""
+    the head's on validation and test from its features, the fine-tuned one's best validation and its test
+    accuracy from the files (when the head was kept, of the weights the fine-tuning ended with)."""
     if t.ft is None or not t.head_results:
         return None
 
@@ -74,7 +74,7 @@ def candidates_record(t: Trained) -> dict[str, Any] | None:
             "head": {"val_accuracy": accuracy(t.head_results.get("val")),
                      "test_accuracy": accuracy(t.head_results.get("test"))},
             "finetuned": {"best_val_accuracy": round(max(val_accs), 4) if val_accs else None,
-                          "test_accuracy": accuracy(t.results.get("test")) if kept == "finetuned" else None}}
+                          "test_accuracy": accuracy((t.results if kept == "finetuned" else t.unkept_results).get("test"))}}
 
 
 def run_timing(p: Prepared, t: Trained) -> tuple[dict[str, Any], float]:
@@ -133,6 +133,13 @@ def finish_single_label(p: Prepared, t: Trained, plan: Plan | None) -> RunResult
         o = plan.decisions["orientation"]
         summary["orientation"] = (f"{'no up: fine-tuned with turns' if o['no_up'] else 'has an up'} (head on "
                                   f"{o['n']} validation images: turned {o['turned']:.3f}, upright {o['upright']:.3f})")
+    if plan is not None and "bn_policy" in plan.decisions:
+        summary["BatchNorm (trained stages)"] = plan.decisions["bn_policy"]["line"].split(": ", 1)[-1]
+    if ft is not None and ft.cached:
+        c = ft.cached
+        summary["cached activations"] = (f"{c['views']} view(s) of {c['rows']} images ({c['bytes'] / 1e6:.0f} MB"
+                                         f"{', on disk' if c['on_disk'] else ''}) in {c['cache_seconds']:.0f}s; "
+                                         f"{c['epochs_per_minute']:.1f} epochs per minute")
     headline = {name: classification_metrics(res.y_true, res.probs, ds.classes, cfg.top_k)
                 for name, res in results.items() if res is not None and len(res.y_true)}
     model_cfg = {

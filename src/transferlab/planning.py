@@ -28,9 +28,8 @@ def _trainable(model: Classifier, info: BackboneInfo, frozen_stride: int, cached
     """The parameters a fine-tuning step updates: the top stages and the head when it trains on cached
     activations (its epochs then cost about a forward pass and the top's backward pass each), else all but
     the frozen early stages."""
-    split = split_top(model) if cached else None
-    if split is not None:
-        return list(split.upper.parameters())
+    if cached:
+        return list(split_top(model).upper.parameters())
     stages = backbone_stages(model.backbone)
     frozen = early_stages(model.backbone, stages, info.preprocessing.size, frozen_stride) if info.pretrained else 0
     return [p for s in stages[frozen:] for p in s] + list(model.head.parameters())
@@ -54,6 +53,7 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
     else:
         sizes = [useful_size(native, default, finetune)]
     model = Classifier(backbone, build_head(info.num_features, len(ds.classes)), info.preprocessing)
+    cached = cached and split_top(model) is not None  # a network that cannot be cut fine-tunes end to end
     train_paths = [s.path for s in ds.samples if s.split == "train"]
     costs = measure_costs(model, info.preprocessing, sizes, sample_paths(train_paths, seed=cfg.seed),
                           batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride, cached),
@@ -63,7 +63,7 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
     plan = make_plan(native=native, default_size=default, n_extract=len(ds.samples), n_train=n["train"],
                      n_val=n["val"], n_test=n["test"], costs=costs, finetune=finetune, budget_s=cfg.time_limit,
                      elapsed_s=time.time() - started_at, max_epochs=cfg.ft_epochs, image_size=cfg.image_size,
-                     head_s=head_seconds(n["train"]))
+                     head_s=head_seconds(n["train"]), cached=cached)
     return replace(plan, task=ds.task)
 
 
@@ -80,6 +80,7 @@ def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: Ba
     and the extraction just done: ``stats``, the head stage's :class:`~transferlab.stages.HeadStats`) and
     with the time actually left."""
     n = ds.split_sizes()
+    cached = cached and split_top(model) is not None
     train_paths = [s.path for s in ds.samples if s.split == "train"]
     costs = measure_costs(model, info.preprocessing, [plan.image_size], sample_paths(train_paths, seed=cfg.seed),
                           batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride, cached),
@@ -89,7 +90,7 @@ def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: Ba
     again = make_plan(native=plan.native_size, default_size=plan.image_size, n_extract=0, n_train=n["train"],
                       n_val=n["val"], n_test=n["test"], costs=costs, finetune=True, budget_s=cfg.time_limit,
                       elapsed_s=time.time() - started_at, max_epochs=cfg.ft_epochs, image_size=plan.image_size,
-                      head_s=0.0)
+                      head_s=0.0, cached=cached)
     reasons = [r if r.startswith("before ") else f"before extraction: {r}" for r in plan.reasons]
     reasons += [f"before fine-tuning: {r}" for r in again.reasons if not r.endswith("(--image-size)")]
     return replace(again, reasons=reasons, task=plan.task, decisions=plan.decisions)

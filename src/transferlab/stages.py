@@ -102,6 +102,7 @@ class Trained:
     ft_s: float = 0.0
     evaluated: list[int] | None = None
     head_results: dict[str, Any] = field(default_factory=dict)  # the head's, kept when fine-tuning replaced them
+    unkept_results: dict[str, Any] = field(default_factory=dict)  # the fine-tuned network's, when the head was kept
 
 
 def head_probs(head: torch.nn.Module, x: np.ndarray, activate: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -240,13 +241,16 @@ def finetune_stage(p: Prepared, t: Trained, decision: Decision, plan: Plan,
     if ft.decisions:  # what the fit decided before it trained (the BatchNorm policy on cached activations)
         plan = replace(plan, decisions={**plan.decisions, **ft.decisions})
     model = broadcast_module(world, ft.model)  # every rank evaluates rank 0's weights
-    results, evaluated = t.results, None
-    # evaluated again from the files, unless the head was kept (its results came from its features)
+    results, evaluated, unkept = t.results, None, {}
+    # evaluated again from the files, unless the head was kept (its results came from its features); then the
+    # fine-tuned network that lost is scored on the test images in the time that evaluation would have taken
     if broadcast_json(world, bool(ft.improved or not results)):
         results = evaluate_files(model, ds, cfg, task, world, info)
         evaluated = evaluation_shares(ds, world)
+    elif broadcast_json(world, ft.unkept is not None):
+        unkept = evaluate_files(broadcast_module(world, ft.unkept), ds, cfg, task, world, info, splits=("test",))
     return replace(t, model=model, info=info, results=results, ft=ft, evaluated=evaluated,
-                   head_results=t.results), plan
+                   head_results=t.results, unkept_results=unkept), plan
 
 
 def _saved_winner(run: Path) -> str | None:
@@ -278,7 +282,7 @@ def finetune_config(cfg: TrainConfig, plan: Plan, use_head: bool, deadline: floa
 
 
 def evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig, task: Task, world: World,
-                   info: BackboneInfo) -> dict[str, Any]:
+                   info: BackboneInfo, splits: Sequence[str] = ("val", "test")) -> dict[str, Any]:
     """Val and test results through the same path as ``predict`` (files -> Predictor), as ``task`` reads
     them. With several processes each predicts its share (:func:`evaluation_shares`) and every rank gets
     the whole result."""
@@ -287,7 +291,7 @@ def evaluate_files(model: Classifier, ds: Dataset, cfg: TrainConfig, task: Task,
                           workers=default_workers() if cfg.workers is None else cfg.workers, batch_size=EVAL_BLOCK,
                           engine=cfg.engine)
     out: dict[str, Any] = {}
-    for sp in ("val", "test"):
+    for sp in splits:
         samples = [s for s in ds.samples if s.split == sp]
         if not samples:
             continue

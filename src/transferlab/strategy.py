@@ -109,8 +109,9 @@ def fit_recipe(model: Classifier, train: tuple[list[str], list[Any]], val: tuple
                cfg: FinetuneConfig, run_dir: Path, history: History, *, resume: bool = False,
                pretrained: bool = True) -> FinetuneResult:
     """Fine-tune as ``cfg`` says: on cached activations (``cfg.cached``) where the network can be cut there
-    and one process trains one label per image, else end to end from the files."""
-    if cfg.cached and pretrained and not cfg.multilabel and not resume and split_top(model) is not None \
+    and one process trains one label per image, else end to end from the files. A resumed fit on cached
+    activations starts again from the head (it keeps no checkpoint: its activations are gone with the process)."""
+    if cfg.cached and pretrained and not cfg.multilabel and split_top(model) is not None \
             and (cfg.devices in (1, "1", "auto") and cfg.num_nodes == 1):
         return fit_cached(model, *train, *val, cfg, run_dir, history)
     return fit_finetune(model, *train, *val, cfg, run_dir, history, resume=resume, pretrained=pretrained)
@@ -151,6 +152,9 @@ def _survivor_epochs(ctx: _Context, race: Race, epoch_s: float) -> tuple[float, 
     """The survivor's schedule: with a deadline, the epochs that fill the time left, at the seconds per
     epoch its rungs measured (between two rungs of different lengths, so that the fixed cost of starting a
     fit counts once), else the run's planned epochs; early stopping ends it sooner once it converges."""
+    if race.winner is not None and race.winner.options.get("cached"):
+        return ctx.plan.epochs, "its views cached, then as many epochs of the top stages as the time left holds" \
+            if ctx.base.deadline else "its views cached, then a fixed schedule of the top stages"
     if not ctx.base.deadline:
         return ctx.plan.epochs, f"{ctx.plan.epochs:g} epochs, stopped only by early stopping on validation"
     runs = [(r["seconds"], r["epochs"]) for rung in race.rungs for r in rung

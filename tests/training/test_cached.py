@@ -5,16 +5,26 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 from transferlab.backbones import build_head, create_backbone
 from transferlab.backbones.models import Classifier
 from transferlab.pipeline import train
+from transferlab.training import cached
 from transferlab.training.cached import ActivationStore, fit_cached, split_top
 from transferlab.training.callbacks import History
 from transferlab.training.finetune import FinetuneConfig
 
 FAST = dict(image_size=64, workers=0, ft_batch_size=16, quiet=True)
+
+
+@pytest.fixture
+def short(monkeypatch):
+    """Fits of a few epochs (the module's own lengths are for real data), raced one epoch per policy."""
+    monkeypatch.setattr(cached, "EPOCHS_NO_LIMIT", 4)
+    monkeypatch.setattr(cached, "RACE_EPOCHS", 1.0)
+    monkeypatch.setattr(cached, "VIEWS_NO_LIMIT", 2)
 
 
 def _classifier(n_classes: int = 3, **kw) -> Classifier:
@@ -54,14 +64,18 @@ def test_activations_go_to_disk_beyond_the_memory_budget(tmp_path):
     assert not (tmp_path / "acts").exists()
 
 
-def test_fit_trains_the_top_only_and_races_the_batchnorm_policy(digits_dir, tmp_path):
+def _digits(digits_dir, every: int = 1):
     from transferlab.data.scan import scan
 
-    samples = sorted(scan(digits_dir).samples, key=lambda s: s.path)
+    samples = sorted(scan(digits_dir).samples, key=lambda s: s.path)[::every]
     classes = sorted({s.label for s in samples})
-    train_s, val_s = samples[::2], samples[1::2]
     model = _classifier(len(classes))
     model.preprocessing = replace(model.preprocessing, size=64)
+    return model, classes, samples[::2], samples[1::2]
+
+
+def test_fit_trains_the_top_only_and_races_the_batchnorm_policy(digits_dir, tmp_path, short):
+    model, classes, train_s, val_s = _digits(digits_dir)
     split = split_top(model)
     lower_before = [p.detach().clone() for p in split.lower.parameters()]
     upper_before = [p.detach().clone() for p in split.upper.parameters()]
@@ -71,16 +85,28 @@ def test_fit_trains_the_top_only_and_races_the_batchnorm_policy(digits_dir, tmp_
                     [s.path for s in val_s], [classes.index(s.label) for s in val_s], cfg, tmp_path, history)
     assert all(torch.equal(a, b) for a, b in zip(lower_before, split.lower.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(upper_before, split.upper.parameters()))
-    assert ft.improved and ft.cached["views"] == 4 and ft.cached["rows"] == len(train_s)
+    assert ft.improved and ft.cached["views"] == 2 and ft.cached["rows"] == len(train_s)
     race = ft.decisions["bn_policy"]
     assert race["chosen"] in ("frozen", "adapt") and ft.cached["bn_policy"] == race["chosen"]
     assert race[race["chosen"]]["val_cal_loss"] <= min(race["frozen"]["val_cal_loss"], race["adapt"]["val_cal_loss"])
-    assert len(ft.validations) == ft.epochs_run and sum(v["best"] for v in ft.validations) >= 1
+    assert len(ft.validations) == ft.epochs_run == 4 and sum(v["best"] for v in ft.validations) >= 1
     assert (tmp_path / "history.csv").is_file() and not (tmp_path / "activations").exists()
     assert all(p.requires_grad for p in model.parameters())  # as it found them
 
 
-def test_a_run_with_recipe_top_records_its_decisions(digits_dir, tmp_path):
+def test_a_fit_that_does_not_beat_its_start_keeps_it_and_hands_back_the_loser(digits_dir, tmp_path, short):
+    model, classes, train_s, val_s = _digits(digits_dir, every=4)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = FinetuneConfig(workers=0, batch_size=16, quiet=True, cached=True, initial_val_loss=-1.0)  # unbeatable
+    ft = fit_cached(model, [s.path for s in train_s], [classes.index(s.label) for s in train_s],
+                    [s.path for s in val_s], [classes.index(s.label) for s in val_s], cfg, tmp_path,
+                    History(None, "finetune"))
+    assert not ft.improved and ft.model is model
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in start.items())
+    assert ft.unkept is not None and any(not torch.equal(v, ft.unkept.state_dict()[k]) for k, v in start.items())
+
+
+def test_a_run_with_recipe_top_records_its_decisions(digits_dir, tmp_path, short):
     res = train(digits_dir, tmp_path / "run", candidates=("top",), **FAST)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     survivor = metrics["strategy"]["survivor"]
@@ -90,3 +116,5 @@ def test_a_run_with_recipe_top_records_its_decisions(digits_dir, tmp_path):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["decisions"]["bn_policy"]["chosen"] == bn["chosen"]
     assert res.metrics["test"]["accuracy"] > 0.5
+    both = metrics["head_and_finetuned"]
+    assert both["head"]["test_accuracy"] is not None and both["finetuned"]["test_accuracy"] is not None

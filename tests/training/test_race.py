@@ -89,7 +89,7 @@ def test_the_registry_is_the_one_list_of_recipes(monkeypatch):
     from transferlab.errors import ConfigError
     from transferlab.training import recipes
 
-    assert recipes.recipe_names() == ("recipe", "bn-adapt", "orient", "transfer", "scratch")
+    assert recipes.recipe_names() == ("recipe", "bn-adapt", "orient", "top", "transfer", "scratch")
     assert [r.name for r in recipes.RECIPES.values() if not r.from_head] == ["transfer", "scratch"]
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     rows = [line.strip() for line in readme.splitlines()
@@ -186,6 +186,7 @@ def test_a_race_on_tiny_data_records_every_candidate(digits_dir, tmp_path, monke
     assert both["kept"] == ("finetuned" if res.metrics["finetune"]["kept"] else "head")
     assert both["head"]["val_accuracy"] is not None and both["finetuned"]["best_val_accuracy"] is not None
     assert both[both["kept"]]["test_accuracy"] == pytest.approx(res.metrics["test"]["accuracy"], abs=1e-4)
+    assert both["head"]["test_accuracy"] is not None and both["finetuned"]["test_accuracy"] is not None
     plan = json.loads((res.run_dir / "plan.json").read_text())
     assert plan["race"]["winner"] == race["winner"]
     config = json.loads((res.model_dir / "config.json").read_text())

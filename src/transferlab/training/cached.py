@@ -416,7 +416,10 @@ def fit_cached(model: Classifier, train_paths: Sequence[str], train_y: Sequence[
     improved = fit.best < (cfg.initial_val_loss if cfg.initial_val_loss is not None else math.inf) \
         or not len(data.val)
     ran_out = fit.step >= fit.steps and cfg.keep_final
+    unkept = None
     if not improved:
+        unkept = copy.deepcopy(model).eval()  # the fine-tuned network that lost to its start, for its test figure
+        split_top(unkept).upper.load_state_dict(fit.best_state or _upper_state(split))
         split.upper.load_state_dict(start)
     elif not ran_out and fit.best_state is not None:
         split.upper.load_state_dict(fit.best_state)
@@ -429,7 +432,7 @@ def fit_cached(model: Classifier, train_paths: Sequence[str], train_y: Sequence[
                           stopped_by_time, validations=fit.validations, improved=improved,
                           kept_weights="final" if ran_out and improved else "best",
                           mixup=fit.mix is not None, drop_path=cfg.drop_path, cached=record,
-                          decisions={"bn_policy": race} if race else {})
+                          decisions={"bn_policy": race} if race else {}, unkept=unkept)
 
 
 def _mixer(cfg: FinetuneConfig, epochs: float, n_classes: int) -> Any:

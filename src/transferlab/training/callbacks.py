@@ -111,6 +111,7 @@ class BestWeights(L.Callback):
         self.best_epoch: int = -1
         self.state: dict[str, torch.Tensor] | None = None
         self.validations: list[dict[str, Any]] = []
+        self.unkept: dict[str, torch.Tensor] | None = None  # the weights a fit that never beat its start ended with
         self._t0 = time.perf_counter()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -144,6 +145,10 @@ class BestWeights(L.Callback):
             self.state = copy.deepcopy({k: v.detach().cpu() for k, v in source.state_dict().items()})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.improved and self.state is not None:  # the fit's own weights, before the start is restored
+            averaged = getattr(self.averaging, "_average_model", None)
+            source = averaged.module if averaged is not None else pl_module
+            self.unkept = {k: v.detach().cpu().clone() for k, v in source.state_dict().items()}
         if self.keep_final and self.improved and not trainer.should_stop:
             averaged = getattr(self.averaging, "_average_model", None)
             if averaged is not None:

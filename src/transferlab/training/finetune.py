@@ -18,6 +18,7 @@ training it has (fastai: MixUp needs more epochs). The figures behind each choic
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from contextlib import contextmanager
@@ -122,6 +123,7 @@ class FinetuneResult:
     drop_path: float = 0.0  # stochastic depth's deepest rate in training
     cached: dict[str, Any] | None = None  # a fit on cached activations: what was cached, its speed
     decisions: dict[str, Any] = field(default_factory=dict)  # what the fit decided before training, with figures
+    unkept: Classifier | None = None  # the fine-tuned network when it did not beat its start (which was kept)
 
     def to_record(self) -> dict[str, Any]:
         """What fine-tuning did, for ``metrics.json``: every validation pass, whether its result was kept,
@@ -358,6 +360,11 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
     module.train()
     with stochastic_depth(model.backbone, cfg.drop_path):
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    unkept = None
+    if best.unkept is not None:  # the fine-tuned network that lost to its start, scored on the test images too
+        unkept = copy.deepcopy(module)
+        unkept.load_state_dict(best.unkept)
+        unkept = unkept.model.eval()
     model = module.model.eval()
     return FinetuneResult(model, history.rows, best.best_epoch + 1, trainer.current_epoch,
                           bool(deadline and deadline.triggered), trainer.is_global_zero,
@@ -365,7 +372,7 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
                           stopped_unpaid=bool(must_pay and must_pay.triggered),
                           stopped_early=bool(early is not None and early.stopped),
                           shortened_to=fitted.shortened_to if fitted is not None else None,
-                          kept_weights=best.kept, mixup=mix is not None, drop_path=cfg.drop_path)
+                          kept_weights=best.kept, mixup=mix is not None, drop_path=cfg.drop_path, unkept=unkept)
 
 
 def _n_outputs(head: nn.Module) -> int:

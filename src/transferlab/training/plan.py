@@ -35,6 +35,12 @@ MAX_UPSAMPLE = 4
 BUDGET_FILL = 0.85
 #: Fixed seconds for the report, the artifact and the process around them.
 FIXED_S = 15.0
+#: Fine-tuning on cached activations is planned as this many cached views of the training images ...
+CACHED_VIEWS = 2
+#: ... and this many epochs of the top stages ...
+CACHED_EPOCHS = 15
+#: ... each image of which costs at least this share of a whole training step.
+CACHED_TOP_FLOOR = 0.2
 
 
 def native_size(infos: dict[str, ImageInfo] | Sequence[ImageInfo]) -> int | None:
@@ -230,7 +236,8 @@ class Plan:
 
 def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train: int, n_val: int, n_test: int,
               costs: Costs, finetune: bool, budget_s: float | None, elapsed_s: float = 0.0,
-              max_epochs: int = TrainConfig.ft_epochs, image_size: int | None = None, head_s: float = 5.0) -> Plan:
+              max_epochs: int = TrainConfig.ft_epochs, image_size: int | None = None, head_s: float = 5.0,
+              cached: bool = False) -> Plan:
     """Choose the input size and the fine-tuning length.
 
     Args:
@@ -240,6 +247,9 @@ def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train:
         finetune: whether the mode fine-tunes at all. budget_s: the time limit (``None``: no limit).
         elapsed_s: seconds of the budget already spent. max_epochs: at most this many epochs.
         image_size: the user's ``--image-size`` (then only the fine-tuning length is planned).
+        cached: fine-tuning trains the top stages on cached activations (``costs.train_s`` measured with
+            those stages trainable): :data:`CACHED_VIEWS` views of the training images are cached once, and
+            :data:`CACHED_EPOCHS` epochs, each costing a training step less a forward pass, are wanted.
     """
     reasons: list[str] = []
     useful = useful_size(native, default_size, finetune)
@@ -257,6 +267,8 @@ def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train:
     else:
         sizes = [s for s in candidate_sizes(native, default_size)]
     want = min(float(max_epochs), target_epochs(n_train)) if budget_s is not None else float(max_epochs)
+    if cached:
+        want = float(CACHED_EPOCHS)
 
     def cost(size: int, epochs: float) -> dict[str, float]:
         val_every = _val_every(n_train, n_val, costs, size, budget_s)
@@ -265,6 +277,11 @@ def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train:
                "finetune_epoch": n_train * costs.train_at(size) + (n_val * costs.eval_at(size) / val_every),
                "evaluate": (n_val + n_test) * costs.eval_at(size) + FIXED_S}
         est["finetune"] = epochs * n_train * costs.train_at(size) + passes * n_val * costs.eval_at(size)
+        if cached:  # views cached once, then epochs of the top stages alone (a training step less a forward pass)
+            top = max(CACHED_TOP_FLOOR * costs.train_at(size), costs.train_at(size) - costs.eval_at(size))
+            est["cache"] = (CACHED_VIEWS * n_train + n_val) * costs.eval_at(size)
+            est["finetune_epoch"] = n_train * top
+            est["finetune"] = est["cache"] + epochs * n_train * top if epochs else 0.0
         est["total"] = elapsed_s + est["extract"] + est["head"] + est["finetune"] + est["evaluate"]
         return est
 
@@ -278,14 +295,17 @@ def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train:
         for size in sizes:  # the largest size at which the wanted epochs fit
             if cost(size, want)["total"] <= room:
                 if not image_size:
-                    reasons.append(f"input size {size}px: the largest at which {want:g} fine-tuning epochs fit"
+                    what = f"{want:g} epochs of the top stages on {CACHED_VIEWS} cached views" if cached else \
+                        f"{want:g} fine-tuning epochs"
+                    reasons.append(f"input size {size}px: the largest at which {what} fit"
                                    + (f" (the images are ~{native}px)" if native else ""))
                 return Plan(size, native, True, want, _val_every(n_train, n_val, costs, size, budget_s), budget_s,
                             cost(size, want), reasons)
         size = sizes[-1]  # none fits: the smallest size, and as much fine-tuning as fits
         base = cost(size, 0.0)
         per_epoch = base["finetune_epoch"]
-        epochs = math.floor(10 * (room - base["total"]) / per_epoch) / 10 if per_epoch > 0 else 0.0
+        spare = room - base["total"] - base.get("cache", 0.0)
+        epochs = math.floor(10 * spare / per_epoch) / 10 if per_epoch > 0 else 0.0
         if epochs >= 0.5:
             reasons.append(f"input size {size}px and {epochs:g} of the {want:g} fine-tuning epochs wanted: "
                            "all that fits in the budget")
