@@ -39,9 +39,12 @@ class Decision:
         return bool(self.candidates) and all(c.options.get("cached") for c in self.candidates)
 
 
-def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = ()) -> list[Recipe]:
+def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequence[str] = (),
+              budgeted: bool = False) -> list[Recipe]:
     """The recipes to race: ``names`` if given, else chosen from the images' shorter side ``native``, the
-    number of training images and whether the backbone is pretrained: ``recipe`` alone after the head; for
+    number of training images, whether the backbone is pretrained and whether a time limit bounds the run
+    (``budgeted``): after the head, ``top`` (the top stages on cached activations, the most epochs per
+    CPU-minute) under a time limit and ``recipe`` (the whole network to convergence) without one; for
     small images in large numbers ``transfer`` against ``scratch`` (extracting them all at an ImageNet
     resolution would cost a large share of the budget); ``transfer`` alone from random weights."""
     if not names:
@@ -50,7 +53,7 @@ def portfolio(native: int | None, n_train: int, pretrained: bool, names: Sequenc
         elif native is not None and native <= SCRATCH_MAX_SIDE and n_train >= SCRATCH_MIN_IMAGES:
             names = ("transfer", "scratch")
         else:
-            names = ("recipe",)
+            names = ("top",) if budgeted else ("recipe",)
     return [get_recipe(n) for n in dict.fromkeys(names)]
 
 
@@ -60,7 +63,7 @@ def skips_head(candidates: Sequence[Recipe]) -> bool:
 
 
 def decide(*, mode: str, recipe: str, candidates: Sequence[str], pretrained: bool, task: str, distributed: bool,
-           native: int | None, n_train: int) -> Decision:
+           native: int | None, n_train: int, budgeted: bool = False) -> Decision:
     """The run's first decision, from its options (``mode``, ``recipe``, ``candidates``), the backbone
     (``pretrained``), the task, whether several processes share the run, and the data (the images'
     shorter side ``native``, ``n_train`` training images).
@@ -80,7 +83,7 @@ def decide(*, mode: str, recipe: str, candidates: Sequence[str], pretrained: boo
     if distributed:
         return Decision(head, finetune, notes=("--recipe race runs in one process: a distributed run trains the "
                                                "single recipe.",))
-    raced = tuple(portfolio(native, n_train, pretrained, candidates))
+    raced = tuple(portfolio(native, n_train, pretrained, candidates, budgeted))
     if head and skips_head(raced):
         why = f"no frozen-feature head: the race is {' against '.join(c.name for c in raced)} (small images in " \
               "large numbers)"

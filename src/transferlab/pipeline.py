@@ -73,7 +73,7 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
     cfg, world = p.cfg, p.world
     decision = decide(mode=cfg.mode, recipe=cfg.recipe, candidates=cfg.candidates, pretrained=p.info.pretrained,
                       task=p.task.name, distributed=world.active, native=native_size(p.ds.infos),
-                      n_train=p.ds.split_sizes()["train"])
+                      n_train=p.ds.split_sizes()["train"], budgeted=bool(cfg.time_limit))
     _warn(p, decision.notes)
     plan = shared_plan(world, lambda: plan_run(p.ds, cfg, p.backbone, p.info, decision.finetune, p.wall_start,
                                                cached=decision.cached))

@@ -20,6 +20,14 @@ def test_the_default_is_the_head_then_a_race_of_one():
     assert (d.head, d.finetune, _names(d), d.notes) == (True, True, ["recipe"], ())
 
 
+def test_under_a_time_limit_the_top_stages_train_on_cached_activations():
+    d = _decide(budgeted=True)
+    assert (d.head, _names(d), d.cached) == (True, ["top"], True)
+    assert not _decide().cached  # without a limit the whole network trains to convergence
+    assert _names(_decide(native=28, n_train=54_000, budgeted=True)) == ["transfer", "scratch"]
+    assert not _decide(candidates=("top", "recipe"), budgeted=True).cached  # the plan counts both paths' costs
+
+
 def test_modes_decide_head_and_fine_tuning():
     assert (_decide(mode="head").head, _decide(mode="head").finetune) == (True, False)
     assert (_decide(mode="knn").head, _decide(mode="knn").finetune, _names(_decide(mode="knn"))) == (True, False, [])
