@@ -118,3 +118,19 @@ def test_a_run_with_recipe_top_records_its_decisions(digits_dir, tmp_path, short
     assert res.metrics["test"]["accuracy"] > 0.5
     both = metrics["head_and_finetuned"]
     assert both["head"]["test_accuracy"] is not None and both["finetuned"]["test_accuracy"] is not None
+
+
+def test_only_one_cpu_process_trains_on_cached_activations(monkeypatch, tmp_path):
+    import transferlab.strategy as strategy
+
+    monkeypatch.setattr(strategy, "fit_cached", lambda *a, **k: "cached")
+    monkeypatch.setattr(strategy, "fit_finetune", lambda *a, **k: "files")
+    model, data = _classifier(), ([], [])
+
+    def path(**kw) -> str:
+        return strategy.fit_recipe(model, data, data, FinetuneConfig(cached=True, **kw), tmp_path, History(None))
+
+    assert path(accelerator="cpu") == "cached"
+    assert path(accelerator="gpu") == "files"  # a GPU runs the whole network's epochs cheaply
+    assert path(accelerator="cpu", devices=2) == "files" and path(accelerator="cpu", multilabel=True) == "files"
+    assert strategy.fit_recipe(model, data, data, FinetuneConfig(), tmp_path, History(None)) == "files"

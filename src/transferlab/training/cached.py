@@ -38,7 +38,7 @@ from .finetune import FinetuneConfig, FinetuneResult, backbone_stages, batch_mix
     stochastic_depth
 from .module import WarmupCosine
 
-__all__ = ["TopSplit", "split_top", "fit_cached", "ActivationStore", "MAX_EPOCHS", "MAX_VIEWS"]
+__all__ = ["TopSplit", "split_top", "on_cpu", "fit_cached", "ActivationStore", "MAX_EPOCHS", "MAX_VIEWS"]
 
 #: The long fit trains at most this many epochs (an epoch is one cached view of every training image).
 MAX_EPOCHS = 40
@@ -90,6 +90,11 @@ class _Upper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.global_pool(self.bn2(self.conv_head(self.blocks(x)))).flatten(1))
+
+
+def on_cpu(accelerator: str) -> bool:
+    """Whether training runs on the CPU, where caching activations pays (a GPU runs the whole network cheaply)."""
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
 def split_top(model: Classifier) -> TopSplit | None:
