@@ -69,12 +69,13 @@ def candidates_record(t: Trained) -> dict[str, Any] | None:
         return round(float(np.mean(res.probs.argmax(1) == res.y_true)), 4) if res is not None and len(res.y_true) else None
 
     kept = "finetuned" if t.ft.improved else "head"
+    finetuned = t.results if kept == "finetuned" else t.unkept_results
     val_accs = [v["val_acc"] for v in t.ft.validations if v.get("val_acc") is not None]
     return {"kept": kept,
             "head": {"val_accuracy": accuracy(t.head_results.get("val")),
                      "test_accuracy": accuracy(t.head_results.get("test"))},
             "finetuned": {"best_val_accuracy": round(max(val_accs), 4) if val_accs else None,
-                          "test_accuracy": accuracy((t.results if kept == "finetuned" else t.unkept_results).get("test"))}}
+                          "test_accuracy": accuracy(finetuned.get("test"))}}
 
 
 def run_timing(p: Prepared, t: Trained) -> tuple[dict[str, Any], float]:

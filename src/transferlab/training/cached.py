@@ -404,8 +404,8 @@ def fit_cached(model: Classifier, train_paths: Sequence[str], train_y: Sequence[
     for p in split.upper.parameters():
         p.requires_grad_(True)
     model = model.to(memory_format=torch.channels_last)
-    data, record = _cache(split, model, (train_paths, train_y), (val_paths, val_y), cfg, run_dir, views_for)
     try:
+        data, record = _cache(split, model, (train_paths, train_y), (val_paths, val_y), cfg, run_dir, views_for)
         start = _upper_state(split)
         n_classes = [m for m in split.upper.head.modules() if isinstance(m, nn.Linear)][-1].out_features
         with stochastic_depth(model.backbone, cfg.drop_path):
@@ -413,8 +413,8 @@ def fit_cached(model: Classifier, train_paths: Sequence[str], train_y: Sequence[
             split.upper.load_state_dict(start)
             fit, stopped_by_time, planned = _long_fit(split, data, model, cfg, start, policy, n_classes, left,
                                                       history)
-    finally:
-        data.store.close()
+    finally:  # the activations go, on a crash too; the network's parameters train as they did before
+        shutil.rmtree(run_dir / "activations", ignore_errors=True)
         for p in model.parameters():
             p.requires_grad_(grads.get(id(p), True))
     seconds = time.perf_counter() - t_start
@@ -473,9 +473,10 @@ def _race_bn(split: TopSplit, data: _Data, model: Classifier, cfg: FinetuneConfi
         best = min(fit.validations, key=lambda v: v["val_cal_loss"])
         scores[name] = {"val_cal_loss": round(best["val_cal_loss"], 4), "val_acc": round(best["val_acc"], 4)}
     chosen = min(scores, key=lambda k: scores[k]["val_cal_loss"])
+    frozen, adapt = scores["frozen"], scores["adapt"]
     line = (f"BatchNorm in the trained stages: {chosen} (raced {steps / batches:.1f} epochs each on cached "
-            f"activations: frozen val acc {scores['frozen']['val_acc']:.3f}, loss {scores['frozen']['val_cal_loss']:.3f}; "
-            f"adapted {scores['adapt']['val_acc']:.3f}, {scores['adapt']['val_cal_loss']:.3f})")
+            f"activations: frozen val acc {frozen['val_acc']:.3f}, loss {frozen['val_cal_loss']:.3f}; "
+            f"adapted {adapt['val_acc']:.3f}, {adapt['val_cal_loss']:.3f})")
     if not cfg.quiet:
         print(line, flush=True)
     return chosen == "adapt", {"chosen": chosen, "epochs": round(steps / batches, 2), **scores, "line": line,

@@ -40,8 +40,8 @@ from .module import ClassifierModule
 from .trainer import make_trainer
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "fit_finetune", "backbone_stages", "early_stages", "StageUnfreeze",
-           "Deadline", "precision_for", "mixes", "param_groups", "batch_mixer", "stochastic_depth", "LR_SPREAD", "WARMUP",
-           "MIXUP_MIN_EPOCHS"]
+           "Deadline", "precision_for", "mixes", "param_groups", "batch_mixer", "stochastic_depth", "LR_SPREAD",
+           "WARMUP", "MIXUP_MIN_EPOCHS"]
 
 #: Ratio of the top stage's learning rate to the stem's (fastai's ``slice(lr/100, lr)``).
 LR_SPREAD = 100.0
@@ -128,7 +128,8 @@ class FinetuneResult:
     def to_record(self) -> dict[str, Any]:
         """What fine-tuning did, for ``metrics.json``: every validation pass, whether its result was kept,
         which weights, how it trained and why it stopped."""
-        return {**({"cached": self.cached} if self.cached else {}), "epochs_run": self.epochs_run, "kept": self.improved, "stopped_early": self.stopped_early,
+        return {**({"cached": self.cached} if self.cached else {}),
+                "epochs_run": self.epochs_run, "kept": self.improved, "stopped_early": self.stopped_early,
                 "stopped_by_time": self.stopped_by_time, "stopped_unpaid": self.stopped_unpaid,
                 "shortened_to": self.shortened_to, "weights": self.kept_weights, "mixup": self.mixup,
                 "drop_path": self.drop_path, "validations": self.validations}
