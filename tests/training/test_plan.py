@@ -209,3 +209,20 @@ def test_a_schedule_run_to_its_end_keeps_its_final_weights_when_asked():
     for keep_final, stop_at in ((False, None), (True, 2)):
         best, ended, _ = fit(keep_final, stop_at)
         assert best.kept == "best" and torch.allclose(ended["model.weight"], best.state["model.weight"])
+
+
+def test_a_plan_for_cached_activations_counts_the_views_and_cheap_epochs():
+    from transferlab.training.plan import CACHED_EPOCHS, CACHED_VIEWS
+
+    common = dict(native=300, default_size=224, n_extract=2200, n_train=1000, n_val=200, n_test=1000,
+                  finetune=True, budget_s=300)
+    whole = make_plan(costs=_costs(), **common)
+    # a step that trains the top stages alone, measured as the pipeline measures it: the forward pass and a
+    # backward pass through the top (here 1.6x the evaluation cost, against 5.7x for the whole network)
+    c = Costs(_costs().eval_s, {64: 0.0016, 224: 0.0107})
+    cached = make_plan(costs=c, cached=True, **common)
+    assert cached.image_size > whole.image_size and cached.epochs == CACHED_EPOCHS
+    size = cached.image_size
+    assert cached.estimate["cache"] == pytest.approx((CACHED_VIEWS * 1000 + 200) * c.eval_at(size), rel=1e-3)
+    assert cached.estimate["finetune_epoch"] < 1000 * c.train_at(size)  # a training step less a forward pass
+    assert cached.estimate["total"] <= 0.85 * 300 and "cached views" in cached.reasons[0]
