@@ -157,8 +157,8 @@ def head_stage(p: Prepared, t: Trained) -> Trained:
                       extracted_per_rank=ext.per_rank,
                       evaluated_per_rank=extraction_shares(samples, ext.ok, world, extractor.batch_size),
                       engine=extractor.choice.to_dict() if extractor.choice else None,
-                      extract_split={"waiting_for_decoding_s": round(ext.waited_s, 2),
-                                     "forward_s": round(ext.forward_s, 2)})
+                      extract_split={"waiting_for_decoding_s": round(ext.waited_s, 4),
+                                     "forward_s": round(ext.forward_s, 4)})
     task.check_train(ytr, ds.classes)
     if not world.is_zero:
         return replace(t, ds=ds, stats=stats)
