@@ -14,7 +14,7 @@ from typing import Any
 from .backbones.models import BackboneInfo, Classifier, FeatureBackbone, build_head
 from .data.scan import Dataset
 from .features.extract import default_workers
-from .training.cached import on_cpu, split_top
+from .training.cached import split_top, trains_cached
 from .training.finetune import backbone_stages, early_stages
 from .training.plan import Costs, Plan, candidate_sizes, make_plan, measure_costs, native_size, sample_paths, \
     useful_size
@@ -53,8 +53,7 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
     else:
         sizes = [useful_size(native, default, finetune)]
     model = Classifier(backbone, build_head(info.num_features, len(ds.classes)), info.preprocessing)
-    # a network that cannot be cut, or a GPU, fine-tunes end to end
-    cached = cached and on_cpu(cfg.accelerator) and split_top(model) is not None
+    cached = cached and trains_cached(model, cfg.accelerator)  # else the whole network trains end to end
     train_paths = [s.path for s in ds.samples if s.split == "train"]
     costs = measure_costs(model, info.preprocessing, sizes, sample_paths(train_paths, seed=cfg.seed),
                           batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride, cached),
@@ -81,7 +80,7 @@ def plan_finetune(plan: Plan, ds: Dataset, cfg: Any, model: Classifier, info: Ba
     and the extraction just done: ``stats``, the head stage's :class:`~transferlab.stages.HeadStats`) and
     with the time actually left."""
     n = ds.split_sizes()
-    cached = cached and on_cpu(cfg.accelerator) and split_top(model) is not None
+    cached = cached and trains_cached(model, cfg.accelerator)
     train_paths = [s.path for s in ds.samples if s.split == "train"]
     costs = measure_costs(model, info.preprocessing, [plan.image_size], sample_paths(train_paths, seed=cfg.seed),
                           batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride, cached),

@@ -58,6 +58,14 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
+def training_device(accelerator: str) -> str:
+    """The device an ``--accelerator`` trains on: ``cuda`` for gpu/cuda (and auto where CUDA is available),
+    ``cpu`` for cpu (and auto without CUDA), else the accelerator's own name."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu" if accelerator in ("cpu", "auto") else accelerator
+
+
 @functools.lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing it back to the kernel.

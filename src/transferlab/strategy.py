@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from .backbones.models import BackboneInfo, Classifier, build_head, create_backbone
 from .events import emit
 from .training.callbacks import History
-from .training.cached import fit_cached, on_cpu, split_top
+from .training.cached import fit_cached, trains_cached
 from .training.finetune import FinetuneConfig, FinetuneResult, fit_finetune, precision_for
 from .training.plan import Plan, measure_costs, sample_paths
 from .training.race import RACE_SHARE, Race, RungResult, rung_sizes, slice_seconds, successive_halving
@@ -112,8 +112,8 @@ def fit_recipe(model: Classifier, train: tuple[list[str], list[Any]], val: tuple
     and one CPU process trains one label per image, else end to end from the files (on a GPU the whole
     network's epochs are cheap, and the Trainer drives it). A resumed fit on cached activations starts again
     from the head (it keeps no checkpoint: its activations are gone with the process)."""
-    if cfg.cached and on_cpu(cfg.accelerator) and pretrained and not cfg.multilabel and split_top(model) is not None \
-            and (cfg.devices in (1, "1", "auto") and cfg.num_nodes == 1):
+    if cfg.cached and pretrained and not cfg.multilabel and trains_cached(model, cfg.accelerator) \
+            and cfg.devices in (1, "1", "auto") and cfg.num_nodes == 1:
         return fit_cached(model, *train, *val, cfg, run_dir, history)
     return fit_finetune(model, *train, *val, cfg, run_dir, history, resume=resume, pretrained=pretrained)
 

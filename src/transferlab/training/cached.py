@@ -31,18 +31,18 @@ from ..data.loader import ImageFiles, collate_images, worker_init
 from ..data.transforms import EvalTransform, TrainTransform
 from ..events import emit
 from ..probability import calibrated_nll
-from ..runtime import autocast, keep_freed_memory
+from ..runtime import autocast, keep_freed_memory, training_device
 from .callbacks import History
 from .datamodule import TrainFiles
-from .finetune import FinetuneConfig, FinetuneResult, backbone_stages, batch_mixer, mixes, param_groups, \
+from .finetune import WARMUP, FinetuneConfig, FinetuneResult, backbone_stages, batch_mixer, mixes, param_groups, \
     stochastic_depth
 from .module import WarmupCosine
 
-__all__ = ["TopSplit", "split_top", "on_cpu", "fit_cached", "ActivationStore", "MAX_EPOCHS", "MAX_VIEWS"]
+__all__ = ["TopSplit", "split_top", "trains_cached", "fit_cached", "ActivationStore", "MAX_EPOCHS", "MAX_VIEWS"]
 
 #: The long fit trains at most this many epochs (an epoch is one cached view of every training image).
 MAX_EPOCHS = 40
-#: Without a time limit the fit plans this many epochs; early stopping ends it sooner.
+#: Without a time limit the fit trains this many epochs and keeps its best validated weights.
 EPOCHS_NO_LIMIT = 20
 #: At most this many augmented views of each training image are cached ...
 MAX_VIEWS = 8
@@ -92,9 +92,10 @@ class _Upper(nn.Module):
         return self.head(self.global_pool(self.bn2(self.conv_head(self.blocks(x)))).flatten(1))
 
 
-def on_cpu(accelerator: str) -> bool:
-    """Whether training runs on the CPU, where caching activations pays (a GPU runs the whole network cheaply)."""
-    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+def trains_cached(model: Classifier, accelerator: str) -> bool:
+    """Whether ``model`` can fine-tune on cached activations with this ``--accelerator``: on the CPU, where
+    caching pays (a GPU runs the whole network cheaply), and a network :func:`split_top` can cut."""
+    return training_device(accelerator) == "cpu" and split_top(model) is not None
 
 
 def split_top(model: Classifier) -> TopSplit | None:
@@ -222,12 +223,11 @@ def _cache(split: TopSplit, model: Classifier, train: tuple[Sequence[str], Seque
                 missing = np.flatnonzero(ok & ~got)  # a file that decoded once keeps its first view there
                 if len(missing):
                     store.views[v][missing] = store.views[0][missing]
-    rows = torch.as_tensor(np.flatnonzero(ok))
-    data = _Data(store, torch.as_tensor(labels), rows, val_out[torch.as_tensor(np.flatnonzero(val_ok))],
-                 torch.as_tensor(list(val[1]))[torch.as_tensor(np.flatnonzero(val_ok))])
+    rows, val_rows = torch.as_tensor(np.flatnonzero(ok)), torch.as_tensor(np.flatnonzero(val_ok))
+    data = _Data(store, torch.as_tensor(labels), rows, val_out[val_rows], torch.as_tensor(list(val[1]))[val_rows])
     record = {"cut_blocks": split.cut, "shape": list(shape), "views": views, "rows": int(len(rows)),
-              "bytes": store.nbytes, "on_disk": store.on_disk > 0, "seconds": round(time.perf_counter() - t0, 1),
-              "seconds_per_view_image": round(per_image, 5)}
+              "bytes": store.nbytes, "on_disk": store.on_disk > 0,
+              "cache_seconds": round(time.perf_counter() - t0, 1), "seconds_per_view_image": round(per_image, 5)}
     return data, record
 
 
@@ -239,7 +239,7 @@ class _Fit:
                  steps: int, train_bn: bool, mix: Any, seed: int, phase: str, history: History | None) -> None:
         self.split, self.data, self.cfg, self.train_bn, self.mix = split, data, cfg, train_bn, mix
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.schedule = WarmupCosine(steps, int(round(0.3 * steps)))
+        self.schedule = WarmupCosine(steps, int(round(WARMUP * steps)))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.schedule)
         self.steps, self.step, self.seed, self.phase, self.history = steps, 0, seed, phase, history
         self.validations: list[dict[str, Any]] = []
@@ -306,8 +306,9 @@ class _Fit:
                 if until is not None and time.time() > until:
                     self.validate(epoch, t_epoch, losses, hits, seen)
                     return True
-                loss, hit = self.train_batch(order[i * b:(i + 1) * b], views[i * b:(i + 1) * b])
-                losses, hits, seen = losses + loss, hits + hit, seen + len(order[i * b:(i + 1) * b])
+                rows = order[i * b:(i + 1) * b]
+                loss, hit = self.train_batch(rows, views[i * b:(i + 1) * b])
+                losses, hits, seen = losses + loss, hits + hit, seen + len(rows)
                 emit("step", every_s=0.5, phase=self.phase, epoch=epoch + 1, batch=i + 1, batches=self.batches,
                      global_step=self.step, max_steps=self.steps)
             self.validate(epoch, t_epoch, losses, hits, seen)
@@ -431,7 +432,7 @@ def fit_cached(model: Classifier, train_paths: Sequence[str], train_y: Sequence[
     fit_s = time.perf_counter() - fit.t0
     record.update({"bn_policy": "adapt" if policy else "frozen", "epochs_planned": round(planned, 2),
                    "epochs_per_minute": round(60 * fit.step / fit.batches / max(1e-6, fit_s), 2),
-                   "fit_seconds": round(fit_s, 1), "seconds": round(seconds, 1), "cache_seconds": record["seconds"]})
+                   "fit_seconds": round(fit_s, 1), "seconds": round(seconds, 1)})
     model.eval()
     return FinetuneResult(model, history.rows, fit.best_epoch + 1, math.ceil(fit.step / fit.batches),
                           stopped_by_time, validations=fit.validations, improved=improved,
@@ -441,8 +442,7 @@ def fit_cached(model: Classifier, train_paths: Sequence[str], train_y: Sequence[
 
 
 def _mixer(cfg: FinetuneConfig, epochs: float, n_classes: int) -> Any:
-    return batch_mixer(n_classes, cfg.label_smoothing) if mixes(replace(cfg, epochs=epochs)) and \
-        not cfg.multilabel else None
+    return batch_mixer(n_classes, cfg.label_smoothing) if mixes(replace(cfg, epochs=epochs)) else None
 
 
 def _race_bn(split: TopSplit, data: _Data, model: Classifier, cfg: FinetuneConfig, start: dict[str, torch.Tensor],

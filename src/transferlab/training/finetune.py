@@ -33,7 +33,7 @@ from torch import nn
 
 from ..backbones.models import Classifier, SimpleCNN
 from ..config import TrainConfig
-from ..runtime import cpu_has_bf16, keep_freed_memory
+from ..runtime import cpu_has_bf16, keep_freed_memory, training_device
 from .callbacks import AnnealByDeadline, AnnealingStop, BestWeights, Deadline, History, MustPay, StageUnfreeze
 from .datamodule import FinetuneData
 from .module import ClassifierModule
@@ -230,8 +230,7 @@ def precision_for(accelerator: str, mixed_precision: bool, cpu_bf16: bool = Fals
     """
     if not mixed_precision:
         return "32-true"
-    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if use_cuda:
+    if training_device(accelerator) == "cuda":
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_bf16 and cpu_has_bf16() else "32-true"
 
