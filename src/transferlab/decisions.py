@@ -13,7 +13,7 @@ from typing import Sequence
 
 from .training.recipes import Recipe, get_recipe
 
-__all__ = ["Decision", "decide", "portfolio", "skips_head", "fallback", "SCRATCH_MAX_SIDE", "SCRATCH_MIN_IMAGES"]
+__all__ = ["Decision", "decide", "portfolio", "skips_head", "fallback", "whole_network", "SCRATCH_MAX_SIDE", "SCRATCH_MIN_IMAGES"]
 
 #: The scratch CNN is a candidate for images at most this many pixels on their shorter side ...
 SCRATCH_MAX_SIDE = 64
@@ -32,6 +32,7 @@ class Decision:
     candidates: tuple[Recipe, ...] = ()
     notes: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
+    chosen: bool = False  # the candidates are the portfolio's choice, not the user's --candidates
 
     @property
     def cached(self) -> bool:
@@ -88,7 +89,15 @@ def decide(*, mode: str, recipe: str, candidates: Sequence[str], pretrained: boo
         why = f"no frozen-feature head: the race is {' against '.join(c.name for c in raced)} (small images in " \
               "large numbers)"
         return Decision(False, finetune, raced, reasons=(why,))
-    return Decision(head, finetune, raced)
+    return Decision(head, finetune, raced, chosen=not candidates)
+
+
+def whole_network(decision: Decision, whole: bool) -> Decision:
+    """The portfolio's ``top`` becomes ``recipe`` where the plan found that the whole network fits as many
+    epochs as the top stages were planned for (``whole``); the user's own ``--candidates`` stay as named."""
+    if not (whole and decision.chosen and decision.cached):
+        return decision
+    return replace(decision, candidates=(get_recipe("recipe"),))
 
 
 def fallback(decision: Decision, plan_finetune: bool, pretrained: bool) -> tuple[Decision, float, str | None]:

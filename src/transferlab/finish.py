@@ -134,6 +134,8 @@ def finish_single_label(p: Prepared, t: Trained, plan: Plan | None) -> RunResult
         o = plan.decisions["orientation"]
         summary["orientation"] = (f"{'no up: fine-tuned with turns' if o['no_up'] else 'has an up'} (head on "
                                   f"{o['n']} validation images: turned {o['turned']:.3f}, upright {o['upright']:.3f})")
+    if plan is not None and "whole_network" in plan.decisions:
+        summary["what fine-tunes"] = plan.decisions["whole_network"]["line"].split(": ", 1)[-1]
     if plan is not None and "bn_policy" in plan.decisions:
         summary["BatchNorm (trained stages)"] = plan.decisions["bn_policy"]["line"].split(": ", 1)[-1]
     if ft is not None and ft.cached:

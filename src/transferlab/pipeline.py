@@ -26,7 +26,7 @@ from .config import TrainConfig, config_from_dict
 from .data.audit import audit, dedupe_across_splits
 from .data.scan import scan
 from .data.split import split_dataset, write_skipped_csv, write_split_csv
-from .decisions import Decision, decide, fallback
+from .decisions import Decision, decide, fallback, whole_network
 from .distributed import SINGLE, World, first_launched, join, launch_layout
 from .errors import ConfigError, DataError
 from .events import emit
@@ -76,7 +76,8 @@ def train(data: str | os.PathLike[str] | None, out: str | os.PathLike[str] | Non
                       n_train=p.ds.split_sizes()["train"], budgeted=bool(cfg.time_limit))
     _warn(p, decision.notes)
     plan = shared_plan(world, lambda: plan_run(p.ds, cfg, p.backbone, p.info, decision.finetune, p.wall_start,
-                                               cached=decision.cached))
+                                               cached=decision.cached, whole_check=decision.chosen))
+    decision = whole_network(decision, plan.decisions.get("whole_network", {}).get("whole", False))
     plan = replace(plan, reasons=[*plan.reasons, *decision.reasons])
     info = replace(p.info, preprocessing=replace(p.info.preprocessing, size=plan.image_size))
     _announce(plan, p.run, world)

@@ -16,8 +16,8 @@ from .data.scan import Dataset
 from .features.extract import default_workers
 from .training.cached import split_top, trains_cached
 from .training.finetune import backbone_stages, early_stages
-from .training.plan import Costs, Plan, candidate_sizes, make_plan, measure_costs, native_size, sample_paths, \
-    useful_size
+from .training.plan import CACHED_EPOCHS, Costs, Plan, candidate_sizes, make_plan, measure_costs, native_size, \
+    sample_paths, useful_size, whole_epochs_fit
 
 __all__ = ["plan_run", "plan_finetune", "head_seconds"]
 
@@ -36,11 +36,13 @@ def _trainable(model: Classifier, info: BackboneInfo, frozen_stride: int, cached
 
 
 def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInfo, finetune: bool,
-             started_at: float, cached: bool = False) -> Plan:
+             started_at: float, cached: bool = False, whole_check: bool = False) -> Plan:
     """The first plan: input size (from the images' resolution and the budget) and a first estimate.
 
     ``cfg`` is the run's :class:`~transferlab.config.TrainConfig`; ``started_at`` the ``time.time()``
-    from which its ``time_limit`` counts; ``cached``: fine-tuning trains the top stages on cached activations.
+    from which its ``time_limit`` counts; ``cached``: fine-tuning trains the top stages on cached activations;
+    ``whole_check``: under a time limit, the whole network trains instead where it fits as many epochs
+    (:func:`_whole_or_top`).
     """
     n = ds.split_sizes()
     native = native_size(ds.infos)
@@ -60,11 +62,37 @@ def plan_run(ds: Dataset, cfg: Any, backbone: FeatureBackbone, info: BackboneInf
                           mixed_precision=cfg.mixed_precision, workers=_workers(cfg), train=finetune)
     if not finetune:
         costs = Costs(costs.eval_s, {s: 0.0 for s in costs.eval_s})
-    plan = make_plan(native=native, default_size=default, n_extract=len(ds.samples), n_train=n["train"],
-                     n_val=n["val"], n_test=n["test"], costs=costs, finetune=finetune, budget_s=cfg.time_limit,
-                     elapsed_s=time.time() - started_at, max_epochs=cfg.ft_epochs, image_size=cfg.image_size,
-                     head_s=head_seconds(n["train"]), cached=cached)
+    parts = dict(native=native, n_extract=len(ds.samples), n_train=n["train"], n_val=n["val"], n_test=n["test"],
+                 finetune=finetune, budget_s=cfg.time_limit, max_epochs=cfg.ft_epochs, head_s=head_seconds(n["train"]))
+    plan = make_plan(default_size=default, costs=costs, elapsed_s=time.time() - started_at,
+                     image_size=cfg.image_size, cached=cached, **parts)
+    if cached and whole_check and plan.finetune and cfg.time_limit:
+        plan = _whole_or_top(plan, model, info, cfg, train_paths, parts, started_at)
     return replace(plan, task=ds.task)
+
+
+def _whole_or_top(plan: Plan, model: Classifier, info: BackboneInfo, cfg: Any, train_paths: list[str],
+                  parts: dict[str, Any], started_at: float) -> Plan:
+    """Whether the whole network's fine-tuning fits the epochs a fit of the top stages on cached activations is
+    planned for, at that plan's input size, in the budget: if it does, the cheaper epochs buy nothing the whole
+    network cannot do (adapting every stage, fresh augmentation each epoch), and the plan is the whole
+    network's, marked ``decisions["whole_network"]["whole"]``; else the top stages' plan, with the figures."""
+    size = plan.image_size
+    whole = measure_costs(model, info.preprocessing, [size], sample_paths(train_paths, seed=cfg.seed),
+                          batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride),
+                          mixed_precision=cfg.mixed_precision, workers=_workers(cfg), train=True)
+    fit = whole_epochs_fit(whole, size, budget_s=cfg.time_limit, elapsed_s=time.time() - started_at,
+                           **{k: parts[k] for k in ("n_extract", "n_train", "n_val", "n_test", "head_s")})
+    fits = fit >= CACHED_EPOCHS
+    record = {"whole": fits, "epochs_fit": round(fit, 1), "wanted": CACHED_EPOCHS, "size": size,
+              "line": f"whole network: {fit:.1f} of its epochs fit at {size}px, {CACHED_EPOCHS} wanted: "
+                      + ("it fine-tunes end to end (recipe), not the top stages on cached activations" if fits
+                         else "the top stages fine-tune on cached activations")}
+    if fits:
+        plan = make_plan(default_size=size, costs=whole, elapsed_s=time.time() - started_at, image_size=size,
+                         **parts)
+        plan = replace(plan, reasons=[r for r in plan.reasons if not r.endswith("(--image-size)")])
+    return replace(plan, decisions={**plan.decisions, "whole_network": record})
 
 
 def head_seconds(n_train: int) -> float:

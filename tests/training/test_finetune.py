@@ -83,13 +83,15 @@ def test_the_deadline_stops_a_run_the_plan_thought_would_fit(digits_dir, tmp_pat
 
     monkeypatch.setattr(planning, "measure_costs", optimistic)
     monkeypatch.setattr(plan_mod, "target_epochs", lambda n: 200.0)
-    # time runs 20 s per look at the clock, so the deadline passes within a few steps on any machine;
-    # patience 200 and --mode finetune (no head to beat, so no must-pay rule) leave it the only stop
+    # time runs ever faster at each look at the clock (3 s at the first, 60 s at the tenth), so every epoch is
+    # slower than the last and the deadline passes within a few steps on any machine, before any schedule
+    # shortened at the pace so far can end; patience 200 and --mode finetune (no head to beat, so no
+    # must-pay rule) leave it the only stop
     looks = []
 
     def fast_clock() -> float:
         looks.append(1)
-        return time.time() + 20.0 * len(looks)
+        return time.time() + 3.0 * len(looks) ** 2
 
     monkeypatch.setattr(Deadline, "clock", staticmethod(fast_clock))
     res = train(digits_dir, tmp_path / "run", mode="finetune", ft_epochs=200, ft_patience=200, freeze_epochs=0,
@@ -314,9 +316,10 @@ def test_early_stopping_counts_from_the_peak_of_the_rate():
     assert epochs(never, warmup=len(losses) - 1) == len(losses) and not never.stopped
 
 
-def _fit_on_a_fake_clock(anneal: bool, module=None, deadline_s: float = 55.0, step_s=lambda step: 10.0):
-    """A 10-epoch fit of one step an epoch under a :class:`Deadline` at ``deadline_s`` fake seconds, each
-    step taking ``step_s(step)`` of them; the module's one-cycle schedule is 10 steps (3 of warm-up)."""
+def _fit_on_a_fake_clock(anneal: bool, module=None, deadline_s: float = 55.0, step_s=lambda step: 10.0,
+                         batches: int = 1):
+    """A 10-epoch fit of ``batches`` steps an epoch under a :class:`Deadline` at ``deadline_s`` fake seconds,
+    each step taking ``step_s(step)`` of them; the module's one-cycle schedule is 10 epochs (3 of warm-up)."""
     import lightning as L
 
     from transferlab.training.callbacks import AnnealByDeadline, Deadline
@@ -328,7 +331,7 @@ def _fit_on_a_fake_clock(anneal: bool, module=None, deadline_s: float = 55.0, st
         def __init__(self) -> None:
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
-            self.schedule = WarmupCosine(10, 3)
+            self.schedule = WarmupCosine(10 * batches, 3 * batches)
             self.lrs: list[float] = []
 
         def training_step(self, batch, _):
@@ -344,7 +347,7 @@ def _fit_on_a_fake_clock(anneal: bool, module=None, deadline_s: float = 55.0, st
     deadline = Deadline(1000.0 + deadline_s, eval_factor=0.0, margin_s=0.0)
     deadline.clock = lambda: clock[0]
     callbacks = [deadline, *([AnnealByDeadline(deadline)] if anneal else [])]
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)), batch_size=1)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(batches, 1)), batch_size=1)
     trainer = L.Trainer(max_epochs=10, callbacks=callbacks, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     module = module or Slow()
@@ -370,6 +373,16 @@ def test_the_schedule_shortens_to_anneal_before_the_deadline():
     trainer, module, deadline, _ = _fit_on_a_fake_clock(anneal=False)
     assert deadline.triggered and module.schedule.total_steps == 10 and len(module.lrs) == 6
     assert module.lrs[-1] > 0.6  # cut near the peak of the rate
+
+
+def test_a_shortened_schedule_ends_with_the_share_of_an_epoch_that_fits():
+    """Four steps an epoch of 2.5 s each, 57 s to the deadline: after the first epoch 4.7 more fit, so the
+    schedule ends 4 whole epochs and 2 steps later (the last share sized with a tenth in hand), mid-epoch at
+    its floor rate, before the deadline, instead of leaving 7 s of 57 unused."""
+    trainer, module, deadline, fitted = _fit_on_a_fake_clock(anneal=True, deadline_s=57.0,
+                                                             step_s=lambda step: 2.5, batches=4)
+    assert fitted.shortened_to == 5.5 and module.schedule.total_steps == 22
+    assert len(module.lrs) == 22 and not deadline.triggered and module.lrs[-1] < 0.05
 
 
 def test_a_schedule_shortened_on_a_slow_first_epoch_grows_back_to_its_plan():

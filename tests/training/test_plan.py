@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import lightning as L
 import numpy as np
@@ -226,3 +227,44 @@ def test_a_plan_for_cached_activations_counts_the_views_and_cheap_epochs():
     assert cached.estimate["cache"] == pytest.approx((CACHED_VIEWS * 1000 + 200) * c.eval_at(size), rel=1e-3)
     assert cached.estimate["finetune_epoch"] < 1000 * c.train_at(size)  # a training step less a forward pass
     assert cached.estimate["total"] <= 0.85 * 300 and "cached views" in cached.reasons[0]
+
+
+def test_the_whole_networks_epochs_that_fit_are_what_the_budget_holds_after_the_rest():
+    from transferlab.training.plan import BUDGET_FILL, estimate, whole_epochs_fit
+
+    parts = dict(n_extract=0, n_train=1000, n_val=200, n_test=1000, head_s=5.0, elapsed_s=30.0)
+    c = _costs()
+    fit = whole_epochs_fit(c, 224, budget_s=900.0, **parts)
+    # that many epochs fill the plan's share of the budget (to within its last validation pass)
+    total, val_s = estimate(c, 224, fit, budget_s=900.0, **parts)["total"], 200 * c.eval_at(224)
+    assert fit > 10 and abs(total - BUDGET_FILL * 900) <= val_s
+    assert whole_epochs_fit(c, 224, budget_s=300.0, **parts) < fit  # a shorter budget holds fewer
+    assert whole_epochs_fit(c, 224, budget_s=10.0, **parts) == 0.0  # nothing left after the rest
+
+
+@pytest.mark.parametrize("budget_s, scale, whole", [(900.0, 0.1, True), (120.0, 1.0, False)])
+def test_under_a_limit_the_whole_network_trains_where_it_fits_the_epochs_of_the_top(monkeypatch, budget_s, scale,
+                                                                                     whole):
+    """The plan for the top stages on cached activations is checked against the whole network's measured cost at
+    its size: where the budget holds as many whole epochs, the plan becomes the whole network's, and the figures
+    are recorded either way with a line for the printed plan."""
+    from types import SimpleNamespace
+
+    import transferlab.planning as planning
+    from transferlab.training.plan import CACHED_EPOCHS
+
+    monkeypatch.setattr(planning, "measure_costs", lambda *a, **k: _costs(scale))
+    monkeypatch.setattr(planning, "_trainable", lambda *a, **k: [])
+    parts = dict(native=28, n_extract=600, n_train=200, n_val=200, n_test=200, finetune=True, budget_s=budget_s,
+                 max_epochs=40, head_s=5.0)
+    top = make_plan(default_size=224, costs=_costs(scale), cached=True, **parts)
+    cfg = SimpleNamespace(seed=0, ft_batch_size=32, frozen_stride=4, mixed_precision=True, workers=0,
+                          time_limit=budget_s)
+    plan = planning._whole_or_top(top, None, SimpleNamespace(preprocessing=None), cfg, [], parts, time.time())
+    record = plan.decisions["whole_network"]
+    assert record["whole"] is whole and (record["epochs_fit"] >= CACHED_EPOCHS) is whole
+    assert record["size"] == top.image_size == plan.image_size and record["line"].startswith("whole network: ")
+    if whole:  # the whole network's plan: its own epochs and costs, not the cached views'
+        assert "cache" not in plan.estimate and plan.epochs != CACHED_EPOCHS
+    else:
+        assert plan.estimate == top.estimate and "top stages fine-tune" in record["line"]

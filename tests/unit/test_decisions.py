@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transferlab.decisions import Decision, decide, fallback
+from transferlab.decisions import Decision, decide, fallback, whole_network
 
 
 def _decide(**kw) -> Decision:
@@ -26,6 +26,16 @@ def test_under_a_time_limit_the_top_stages_train_on_cached_activations():
     assert not _decide().cached  # without a limit the whole network trains to convergence
     assert _names(_decide(native=28, n_train=54_000, budgeted=True)) == ["transfer", "scratch"]
     assert not _decide(candidates=("top", "recipe"), budgeted=True).cached  # the plan counts both paths' costs
+
+
+def test_the_whole_network_replaces_top_where_the_plan_found_it_fits():
+    d = _decide(budgeted=True)
+    assert _names(whole_network(d, whole=True)) == ["recipe"] and not whole_network(d, whole=True).cached
+    assert _names(whole_network(d, whole=False)) == ["top"]
+    named = _decide(candidates=("top",), budgeted=True)  # the user's own choice stays
+    assert _names(whole_network(named, whole=True)) == ["top"]
+    race = _decide(native=28, n_train=54_000, budgeted=True)  # not a fit on cached activations: untouched
+    assert _names(whole_network(race, whole=True)) == ["transfer", "scratch"]
 
 
 def test_modes_decide_head_and_fine_tuning():
@@ -64,5 +74,5 @@ def test_the_fallback_when_the_budget_fits_no_fine_tuning():
     assert (d.finetune, least) == (True, 0.5) and "half an epoch" in why
     # a head was trained: no fine-tuning is a result; a plan with fine-tuning changes nothing
     assert fallback(_decide(), plan_finetune=False, pretrained=True) == (
-        Decision(True, False, _decide().candidates), 0.0, None)
+        Decision(True, False, _decide().candidates, chosen=True), 0.0, None)
     assert fallback(raced, plan_finetune=True, pretrained=True) == (raced, 0.0, None)

@@ -314,59 +314,81 @@ class Deadline(L.Callback):
 
 
 class AnnealByDeadline(L.Callback):
-    """Fits the one-cycle schedule, at the end of each epoch, to the whole epochs that still fit before the
-    :class:`Deadline` stops training, so the rate has decayed when it does.
+    """Fits the one-cycle schedule, at the end of each epoch, to the training that still fits before the
+    :class:`Deadline` stops it, so the rate has decayed when it does.
 
     The schedule's length comes from the plan's estimate of an epoch, made on a few batches before training;
     real epochs can run longer, and a deadline that cuts a schedule three quarters of the way leaves the
     weights at a third of the peak rate. The pace is the median epoch so far (validation included), the
-    first left out once there are others (it carries the loaders' start). A schedule shortened on a slow
-    epoch grows back (never past its planned length) when the pace allows it with half an epoch to spare,
-    so one slow epoch does not leave the budget unused. Every process follows rank 0's decision.
+    first left out once there are others (it carries the loaders' start). A shortened schedule ends on the
+    whole epochs that fit and then the share of one more that fits with its validation pass (a fit stopped
+    mid-epoch validates there), so the time a whole epoch would not fill is not left unused. A schedule
+    shortened on a slow epoch grows back (never past its planned length) when the pace allows it with half
+    an epoch to spare. Every process follows rank 0's decision.
     """
+
+    #: A last share of an epoch shorter than this is not trained (its steps would barely move the weights).
+    MIN_SHARE = 0.1
+    #: The share of an epoch left in hand when sizing the last, partial one (its pace is an estimate).
+    SAFETY = 0.9
 
     def __init__(self, deadline: Deadline) -> None:
         self.deadline = deadline
         self._t = 0.0
         self._epoch_s: list[float] = []
         self._planned: tuple[int, int] = (0, -1)  # the fit's max_epochs and max_steps as planned
-        self.shortened_to: int | None = None  # the epochs the schedule is shortened to (None: as planned)
+        self._stop_step: int | None = None  # the schedule ends inside an epoch: the fit stops at this step
+        self.shortened_to: float | None = None  # the epochs the schedule is shortened to (None: as planned)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._planned = (trainer.max_epochs or 0, trainer.fit_loop.epoch_loop.max_steps)
         # a resumed run's schedule comes back shortened from its checkpoint: its epochs end with it
         schedule = _schedule(trainer)
-        if schedule is not None and trainer.max_epochs:
-            epochs = math.ceil(schedule.total_steps / max(1, trainer.num_training_batches))
+        batches = max(1, trainer.num_training_batches)
+        if schedule is not None and trainer.max_epochs and schedule.total_steps < schedule.planned_steps:
+            epochs = math.ceil(schedule.total_steps / batches)
             if epochs < trainer.max_epochs:
                 _end_at(trainer, epochs)
+            self._stop_step = schedule.total_steps if schedule.total_steps % batches else None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t = self.deadline.clock()
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._stop_step is not None and trainer.global_step >= self._stop_step:
+            trainer.should_stop = True  # the schedule's last step: validate here and end
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_s.append(self.deadline.clock() - self._t)
-        pace = statistics.median(self._epoch_s[1:] or self._epoch_s)
-        done, now, planned = trainer.current_epoch + 1, trainer.max_epochs or 0, self._planned[0]
-        fit = self.deadline.seconds_left() / max(pace, 1e-9)  # epochs that fit, at the pace so far
-        if math.floor(fit) < now - done:
-            epochs = done + max(0, math.floor(fit))
-        else:  # it fits: it grows only with half an epoch to spare, never past the plan
-            epochs = min(max(now, done + math.floor(fit - 0.5)), planned or now)
-        if trainer.world_size > 1:
-            epochs = int(trainer.strategy.broadcast(epochs, src=0))
-        schedule = _schedule(trainer)
-        if schedule is None or not now or epochs == now or epochs <= done:
-            return  # as it stands, or nothing is left for the rate to decay over (the deadline stops it)
+        pace = max(statistics.median(self._epoch_s[1:] or self._epoch_s), 1e-9)
         batches = max(1, trainer.num_training_batches)
-        if epochs >= planned:  # back to the plan: its steps and its own end
-            schedule.resize(schedule.planned_steps, trainer.global_step)
+        schedule = _schedule(trainer)
+        if schedule is None or not self._planned[0]:
+            return
+        done, now, planned = trainer.current_epoch + 1, schedule.total_steps, schedule.planned_steps
+        fit = self.deadline.seconds_left() / pace  # epochs that fit, at the pace so far
+        if (done + fit) * batches < now:
+            whole = math.floor(fit)
+            # the rest of the time holds this share of one more epoch's training, after its validation
+            train_s = max(pace - self.deadline.val_s, 0.1 * pace)
+            share = (fit - whole) * pace * self.SAFETY
+            share = max(0.0, (share - self.deadline.val_s) / train_s)
+            steps = (done + whole) * batches + (math.floor(share * batches) if share >= self.MIN_SHARE else 0)
+        else:  # it fits: it grows only with half an epoch to spare, never past the plan
+            steps = min(max(now, (done + math.floor(fit - 0.5)) * batches), planned)
+        if trainer.world_size > 1:
+            steps = int(trainer.strategy.broadcast(steps, src=0))
+        if steps == now or steps <= trainer.global_step:
+            return  # as it stands, or nothing is left for the rate to decay over (the deadline stops it)
+        if steps >= planned:  # back to the plan: its steps and its own end
+            schedule.resize(planned, trainer.global_step)
             trainer.fit_loop.max_epochs, trainer.fit_loop.epoch_loop.max_steps = self._planned
-            self.shortened_to = None
+            self._stop_step, self.shortened_to = None, None
         else:
-            schedule.resize(epochs * batches, trainer.global_step)
-            _end_at(trainer, epochs)
-            self.shortened_to = epochs
+            schedule.resize(steps, trainer.global_step)
+            _end_at(trainer, math.ceil(steps / batches))
+            self._stop_step = steps if steps % batches else None
+            self.shortened_to = round(steps / batches, 2)
 
 
 def _end_at(trainer: L.Trainer, epochs: int) -> None:

@@ -117,7 +117,7 @@ class FinetuneResult:
     improved: bool = True  # False: no validation beat the starting model, which was kept
     stopped_unpaid: bool = False  # stopped by MustPay
     stopped_early: bool = False  # stopped by early stopping on validation (converged)
-    shortened_to: int | None = None  # epochs the schedule was shortened to, to anneal before the deadline
+    shortened_to: float | None = None  # epochs the schedule was shortened to (its last one partial), to anneal by the deadline
     kept_weights: str = "best"  # "best" validated, or "final" (keep_final and the schedule ran to its end)
     mixup: bool = False  # trained on mixed batches (MixUp or CutMix)
     drop_path: float = 0.0  # stochastic depth's deepest rate in training

@@ -25,7 +25,7 @@ from ..data.transforms import EvalTransform, Preprocessing, TrainTransform
 from ..runtime import autocast, keep_freed_memory
 
 __all__ = ["Plan", "Costs", "native_size", "useful_size", "candidate_sizes", "target_epochs", "measure_costs",
-           "make_plan", "sample_paths", "MIN_SIZE"]
+           "make_plan", "estimate", "whole_epochs_fit", "sample_paths", "MIN_SIZE"]
 
 #: Smallest input size planned: a stride-32 network still sees a 2x2 map at 64 px.
 MIN_SIZE = 64
@@ -271,19 +271,8 @@ def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train:
         want = float(CACHED_EPOCHS)
 
     def cost(size: int, epochs: float) -> dict[str, float]:
-        val_every = _val_every(n_train, n_val, costs, size, budget_s)
-        passes = math.ceil(max(epochs, 1e-9) / val_every) if epochs else 0
-        est = {"extract": n_extract * costs.eval_at(size), "head": head_s,
-               "finetune_epoch": n_train * costs.train_at(size) + (n_val * costs.eval_at(size) / val_every),
-               "evaluate": (n_val + n_test) * costs.eval_at(size) + FIXED_S}
-        est["finetune"] = epochs * n_train * costs.train_at(size) + passes * n_val * costs.eval_at(size)
-        if cached:  # views cached once, then epochs of the top stages alone (a training step less a forward pass)
-            top = max(CACHED_TOP_FLOOR * costs.train_at(size), costs.train_at(size) - costs.eval_at(size))
-            est["cache"] = (CACHED_VIEWS * n_train + n_val) * costs.eval_at(size)
-            est["finetune_epoch"] = n_train * top
-            est["finetune"] = est["cache"] + epochs * n_train * top if epochs else 0.0
-        est["total"] = elapsed_s + est["extract"] + est["head"] + est["finetune"] + est["evaluate"]
-        return est
+        return estimate(costs, size, epochs, n_extract=n_extract, n_train=n_train, n_val=n_val, n_test=n_test,
+                        head_s=head_s, elapsed_s=elapsed_s, budget_s=budget_s, cached=cached)
 
     if budget_s is None:
         size = sizes[0]
@@ -316,6 +305,35 @@ def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train:
         if cost(size, 0.0)["total"] <= room or size == sizes[-1]:
             return Plan(size, native, False, 0.0, 1.0, budget_s, cost(size, 0.0), reasons)
     raise AssertionError("unreachable: the last size is always returned")
+
+
+def estimate(costs: Costs, size: int, epochs: float, *, n_extract: int, n_train: int, n_val: int, n_test: int,
+             head_s: float, elapsed_s: float, budget_s: float | None, cached: bool = False) -> dict[str, float]:
+    """Seconds per part of a run at input ``size`` with ``epochs`` of fine-tuning (see :func:`make_plan`)."""
+    val_every = _val_every(n_train, n_val, costs, size, budget_s)
+    passes = math.ceil(max(epochs, 1e-9) / val_every) if epochs else 0
+    est = {"extract": n_extract * costs.eval_at(size), "head": head_s,
+           "finetune_epoch": n_train * costs.train_at(size) + (n_val * costs.eval_at(size) / val_every),
+           "evaluate": (n_val + n_test) * costs.eval_at(size) + FIXED_S}
+    est["finetune"] = epochs * n_train * costs.train_at(size) + passes * n_val * costs.eval_at(size)
+    if cached:  # views cached once, then epochs of the top stages alone (a training step less a forward pass)
+        top = max(CACHED_TOP_FLOOR * costs.train_at(size), costs.train_at(size) - costs.eval_at(size))
+        est["cache"] = (CACHED_VIEWS * n_train + n_val) * costs.eval_at(size)
+        est["finetune_epoch"] = n_train * top
+        est["finetune"] = est["cache"] + epochs * n_train * top if epochs else 0.0
+    est["total"] = elapsed_s + est["extract"] + est["head"] + est["finetune"] + est["evaluate"]
+    return est
+
+
+def whole_epochs_fit(costs: Costs, size: int, *, n_extract: int, n_train: int, n_val: int, n_test: int,
+                     head_s: float, elapsed_s: float, budget_s: float) -> float:
+    """Epochs of the whole network's fine-tuning (``costs`` measured with it trainable) that fit in the share
+    of ``budget_s`` the plan fills, at input ``size``, after extraction, the head and the evaluation."""
+    parts = dict(n_extract=n_extract, n_train=n_train, n_val=n_val, n_test=n_test, head_s=head_s,
+                 elapsed_s=elapsed_s, budget_s=budget_s)
+    base = estimate(costs, size, 0.0, **parts)
+    per_epoch = base["finetune_epoch"]
+    return max(0.0, BUDGET_FILL * budget_s - base["total"]) / per_epoch if per_epoch > 0 else 0.0
 
 
 def _val_every(n_train: int, n_val: int, costs: Costs, size: int, budget_s: float | None) -> float:
