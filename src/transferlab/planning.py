@@ -77,7 +77,7 @@ def _whole_or_top(plan: Plan, model: Classifier, info: BackboneInfo, cfg: Any, t
     planned for, at that plan's input size, in the budget: if it does, the cheaper epochs buy nothing the whole
     network cannot do (adapting every stage, fresh augmentation each epoch), and the plan is the whole
     network's, marked ``decisions["whole_network"]["whole"]``; else the top stages' plan, with the figures."""
-    size = plan.image_size
+    top, size = plan, plan.image_size
     whole = measure_costs(model, info.preprocessing, [size], sample_paths(train_paths, seed=cfg.seed),
                           batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride),
                           mixed_precision=cfg.mixed_precision, workers=_workers(cfg), train=True)
@@ -91,7 +91,7 @@ def _whole_or_top(plan: Plan, model: Classifier, info: BackboneInfo, cfg: Any, t
     if fits:
         plan = make_plan(default_size=size, costs=whole, elapsed_s=time.time() - started_at, image_size=size,
                          **parts)
-        plan = replace(plan, reasons=[r for r in plan.reasons if not r.endswith("(--image-size)")])
+        plan = replace(plan, reasons=[*top.reasons, *(r for r in plan.reasons if not r.endswith("(--image-size)"))])
     return replace(plan, decisions={**plan.decisions, "whole_network": record})
 
 
