@@ -13,8 +13,12 @@ from typing import Sequence
 
 from .training.recipes import Recipe, get_recipe
 
-__all__ = ["Decision", "decide", "portfolio", "skips_head", "fallback", "whole_network", "SCRATCH_MAX_SIDE", "SCRATCH_MIN_IMAGES"]
+__all__ = ["Decision", "decide", "portfolio", "skips_head", "fallback", "whole_network", "keeps_finetuned",
+           "LOSS_TOLERANCE", "SCRATCH_MAX_SIDE", "SCRATCH_MIN_IMAGES"]
 
+#: A fine-tuning that did not beat the head's calibrated validation loss is still kept when it is at least as
+#: accurate on validation and its calibrated loss is within this share of the head's (:func:`keeps_finetuned`).
+LOSS_TOLERANCE = 0.05
 #: The scratch CNN is a candidate for images at most this many pixels on their shorter side ...
 SCRATCH_MAX_SIDE = 64
 #: ... and at least this many training images.
@@ -119,3 +123,16 @@ def fallback(decision: Decision, plan_finetune: bool, pretrained: bool) -> tuple
             "the frozen-feature head is trained instead"
     why = "half an epoch, which the deadline may cut: an untrained network is no result"
     return replace(decision, finetune=True), 0.5, why
+
+
+def keeps_finetuned(head_acc: float, head_loss: float, ft_acc: float, ft_loss: float) -> bool:
+    """Head or fine-tuned network, once the fine-tuned one has failed to beat the head's calibrated validation
+    loss: a split of a few hundred images cannot separate close figures, so the fine-tuned network (adapted to
+    the data end to end) is kept when it is at least as accurate and its calibrated loss is within
+    :data:`LOSS_TOLERANCE` of the head's; the head stays when it is more accurate or clearly better calibrated.
+
+    Example:
+        >>> keeps_finetuned(0.848, 0.370, 0.855, 0.385), keeps_finetuned(0.848, 0.370, 0.845, 0.371)
+        (True, False)
+    """
+    return round(ft_acc, 4) >= round(head_acc, 4) and ft_loss <= head_loss * (1 + LOSS_TOLERANCE)

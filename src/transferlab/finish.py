@@ -17,6 +17,7 @@ import torch
 
 from .artifacts import save_artifact
 from .data.split import write_skipped_csv, write_split_csv
+from .decisions import LOSS_TOLERANCE
 from .evaluation.calibration import expected_calibration_error
 from .evaluation.metrics import classification_metrics
 from .evaluation.outputs import SplitResult, write_run_outputs
@@ -71,7 +72,7 @@ def candidates_record(t: Trained) -> dict[str, Any] | None:
     kept = "finetuned" if t.ft.improved else "head"
     finetuned = t.results if kept == "finetuned" else t.unkept_results
     val_accs = [v["val_acc"] for v in t.ft.validations if v.get("val_acc") is not None]
-    return {"kept": kept,
+    return {"kept": kept, **({"kept_by": t.ft.kept_by} if kept == "finetuned" else {}),
             "head": {"val_accuracy": accuracy(t.head_results.get("val")),
                      "test_accuracy": accuracy(t.head_results.get("test"))},
             "finetuned": {"best_val_accuracy": round(max(val_accs), 4) if val_accs else None,
@@ -116,6 +117,12 @@ def finish_single_label(p: Prepared, t: Trained, plan: Plan | None) -> RunResult
     if ft is not None and not ft.improved:
         why = " (stopped once a third of the budget had gone without gain)" if ft.stopped_unpaid else ""
         warnings.append(f"fine-tuning did not beat the head on the validation split{why}; the head was kept.")
+    if ft is not None and ft.kept_by == "tolerance":
+        v = ft.unkept_val or {}
+        warnings.append(f"fine-tuning did not beat the head's calibrated validation loss, but it was as accurate "
+                        f"(val {v.get('val_acc', float('nan')):.4f}) with a calibrated loss of "
+                        f"{v.get('val_cal_loss', float('nan')):.4f}, within {LOSS_TOLERANCE:.0%} of the head's: "
+                        "the fine-tuned network was kept (a validation split this size cannot separate them).")
     if budget["still_improving"] and cfg.time_limit:
         warnings.append(f"fine-tuning was still improving when it ended (its last validation was its best): a "
                         f"--time-limit longer than {cfg.time_limit:g}s would likely pay.")

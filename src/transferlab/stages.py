@@ -23,7 +23,7 @@ from .backbones.models import BackboneInfo, Classifier
 from .config import TrainConfig
 from .data.scan import Dataset, Skipped
 from .data.transforms import TrainTransform
-from .decisions import Decision
+from .decisions import Decision, keeps_finetuned
 from .distributed import World, broadcast_json, broadcast_module
 from .features.cache import FeatureCache
 from .features.extract import FeatureExtractor, default_workers
@@ -238,6 +238,7 @@ def finetune_stage(p: Prepared, t: Trained, decision: Decision, plan: Plan,
     else:
         ft = fit_finetune(t.model, *train_xy, *val_xy, ft_cfg, p.run, p.history, resume=p.resume,
                           pretrained=info.pretrained)
+    ft = _within_tolerance(ft, start, initial, task.multilabel, world)
     if ft.decisions:  # what the fit decided before it trained (the BatchNorm policy on cached activations)
         plan = replace(plan, decisions={**plan.decisions, **ft.decisions})
     model = broadcast_module(world, ft.model)  # every rank evaluates rank 0's weights
@@ -251,6 +252,21 @@ def finetune_stage(p: Prepared, t: Trained, decision: Decision, plan: Plan,
         unkept = evaluate_files(broadcast_module(world, ft.unkept), ds, cfg, task, world, info, splits=("test",))
     return replace(t, model=model, info=info, results=results, ft=ft, evaluated=evaluated,
                    head_results=t.results, unkept_results=unkept), plan
+
+
+def _within_tolerance(ft: FinetuneResult, start: Any, initial_loss: float | None, multilabel: bool,
+                      world: World) -> FinetuneResult:
+    """A fine-tuning that did not beat the head's calibrated validation loss is kept all the same where
+    :func:`~transferlab.decisions.keeps_finetuned` says the two cannot be told apart (rank 0 decides)."""
+    keep = False
+    if not (ft.improved or multilabel or start is None or initial_loss is None or ft.unkept_val is None
+            or ft.unkept is None):
+        head_acc = float(np.mean(start.probs.argmax(1) == start.y_true))
+        keep = keeps_finetuned(head_acc, initial_loss, ft.unkept_val["val_acc"], ft.unkept_val["val_cal_loss"])
+    if not broadcast_json(world, keep):
+        return ft
+    return replace(ft, model=ft.unkept if ft.unkept is not None else ft.model, unkept=None, improved=True,
+                   kept_by="tolerance")
 
 
 def _saved_winner(run: Path) -> str | None:

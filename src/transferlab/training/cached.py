@@ -422,10 +422,13 @@ def fit_cached(model: Classifier, train_paths: Sequence[str], train_y: Sequence[
     improved = fit.best < (cfg.initial_val_loss if cfg.initial_val_loss is not None else math.inf) \
         or not len(data.val)
     ran_out = fit.step >= fit.steps and cfg.keep_final
-    unkept = None
+    unkept = unkept_val = None
     if not improved:
         unkept = copy.deepcopy(model).eval()  # the fine-tuned network that lost to its start, for its test figure
         split_top(unkept).upper.load_state_dict(fit.best_state or _upper_state(split))
+        if fit.validations:
+            unkept_val = min(fit.validations, key=lambda v: v["val_cal_loss"]) if fit.best_state is not None \
+                else fit.validations[-1]
         split.upper.load_state_dict(start)
     elif not ran_out and fit.best_state is not None:
         split.upper.load_state_dict(fit.best_state)
@@ -438,7 +441,7 @@ def fit_cached(model: Classifier, train_paths: Sequence[str], train_y: Sequence[
                           stopped_by_time, validations=fit.validations, improved=improved,
                           kept_weights="final" if ran_out and improved else "best",
                           mixup=fit.mix is not None, drop_path=cfg.drop_path, cached=record,
-                          decisions={"bn_policy": race} if race else {}, unkept=unkept)
+                          decisions={"bn_policy": race} if race else {}, unkept=unkept, unkept_val=unkept_val)
 
 
 def _mixer(cfg: FinetuneConfig, epochs: float, n_classes: int) -> Any:

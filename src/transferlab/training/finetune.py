@@ -124,12 +124,15 @@ class FinetuneResult:
     cached: dict[str, Any] | None = None  # a fit on cached activations: what was cached, its speed
     decisions: dict[str, Any] = field(default_factory=dict)  # what the fit decided before training, with figures
     unkept: Classifier | None = None  # the fine-tuned network when it did not beat its start (which was kept)
+    unkept_val: dict[str, Any] | None = None  # that network's validation pass (val_acc, val_cal_loss)
+    kept_by: str = "loss"  # "loss": beat the start's calibrated loss; "tolerance": decisions.keeps_finetuned
 
     def to_record(self) -> dict[str, Any]:
         """What fine-tuning did, for ``metrics.json``: every validation pass, whether its result was kept,
         which weights, how it trained and why it stopped."""
         return {**({"cached": self.cached} if self.cached else {}),
-                "epochs_run": self.epochs_run, "kept": self.improved, "stopped_early": self.stopped_early,
+                "epochs_run": self.epochs_run, "kept": self.improved,
+                **({"kept_by": self.kept_by} if self.improved else {}), "stopped_early": self.stopped_early,
                 "stopped_by_time": self.stopped_by_time, "stopped_unpaid": self.stopped_unpaid,
                 "shortened_to": self.shortened_to, "weights": self.kept_weights, "mixup": self.mixup,
                 "drop_path": self.drop_path, "validations": self.validations}
@@ -372,7 +375,8 @@ def fit_finetune(model: Classifier, train_paths: Sequence[str], train_y: Sequenc
                           stopped_unpaid=bool(must_pay and must_pay.triggered),
                           stopped_early=bool(early is not None and early.stopped),
                           shortened_to=fitted.shortened_to if fitted is not None else None,
-                          kept_weights=best.kept, mixup=mix is not None, drop_path=cfg.drop_path, unkept=unkept)
+                          kept_weights=best.kept, mixup=mix is not None, drop_path=cfg.drop_path, unkept=unkept,
+                          unkept_val=best.validations[-1] if unkept is not None and best.validations else None)
 
 
 def _n_outputs(head: nn.Module) -> int:
