@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .stages import Prepared, Trained
     from .training.plan import Plan
 
-__all__ = ["candidates_record", "RunResult", "finish_single_label", "finetune_record", "jsonable", "run_timing"]
+__all__ = ["candidates_record", "RunResult", "finish_single_label", "finetune_record", "jsonable", "kept_warnings",
+           "run_timing"]
 
 
 @dataclass
@@ -57,6 +58,21 @@ def finetune_record(ft: FinetuneResult | None, seconds: float) -> dict[str, Any]
     if ft is None:
         return None
     return {"seconds": round(seconds, 2), **ft.to_record()}
+
+
+def kept_warnings(ft: FinetuneResult | None) -> list[str]:
+    """What the user is told when the head was kept, or when the fine-tuned network was kept within the
+    tolerance (:func:`~transferlab.decisions.keeps_finetuned`)."""
+    if ft is not None and not ft.improved:
+        why = " (stopped once a third of the budget had gone without gain)" if ft.stopped_unpaid else ""
+        return [f"fine-tuning did not beat the head on the validation split{why}; the head was kept."]
+    if ft is not None and ft.kept_by == "tolerance" and ft.unkept_val:
+        v = ft.unkept_val
+        return [f"fine-tuning did not beat the head's calibrated validation loss, but it was as accurate (val "
+                f"{v['val_acc']:.4f}) and its calibrated loss, {v['val_cal_loss']:.4f}, was within "
+                f"{LOSS_TOLERANCE:.0%} of the head's: the fine-tuned network was kept (a validation split this "
+                "size cannot separate them)."]
+    return []
 
 
 def candidates_record(t: Trained) -> dict[str, Any] | None:
@@ -114,15 +130,7 @@ def finish_single_label(p: Prepared, t: Trained, plan: Plan | None) -> RunResult
     timing, total_s = run_timing(p, t)
     warnings = list(p.notes)
     budget = budget_record(cfg.time_limit, total_s, ft, cfg.ft_patience)
-    if ft is not None and not ft.improved:
-        why = " (stopped once a third of the budget had gone without gain)" if ft.stopped_unpaid else ""
-        warnings.append(f"fine-tuning did not beat the head on the validation split{why}; the head was kept.")
-    if ft is not None and ft.kept_by == "tolerance":
-        v = ft.unkept_val or {}
-        warnings.append(f"fine-tuning did not beat the head's calibrated validation loss, but it was as accurate "
-                        f"(val {v.get('val_acc', float('nan')):.4f}) with a calibrated loss of "
-                        f"{v.get('val_cal_loss', float('nan')):.4f}, within {LOSS_TOLERANCE:.0%} of the head's: "
-                        "the fine-tuned network was kept (a validation split this size cannot separate them).")
+    warnings += kept_warnings(ft)
     if budget["still_improving"] and cfg.time_limit:
         warnings.append(f"fine-tuning was still improving when it ended (its last validation was its best): a "
                         f"--time-limit longer than {cfg.time_limit:g}s would likely pay.")

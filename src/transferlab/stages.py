@@ -265,8 +265,9 @@ def _within_tolerance(ft: FinetuneResult, start: Any, initial_loss: float | None
         keep = keeps_finetuned(head_acc, initial_loss, ft.unkept_val["val_acc"], ft.unkept_val["val_cal_loss"])
     if not broadcast_json(world, keep):
         return ft
+    # every rank's record says so; rank 0's weights are the ones every rank evaluates
     return replace(ft, model=ft.unkept if ft.unkept is not None else ft.model, unkept=None, improved=True,
-                   kept_by="tolerance")
+                   kept_by="tolerance", unkept_val=broadcast_json(world, ft.unkept_val))
 
 
 def _saved_winner(run: Path) -> str | None:

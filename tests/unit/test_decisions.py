@@ -107,6 +107,10 @@ def test_the_stage_swaps_in_the_fine_tuned_network_only_within_the_tolerance():
     kept = _within_tolerance(fit(0.875, 0.41), start, 0.40, multilabel=False, world=World())
     assert kept.model is tuned and kept.improved and kept.kept_by == "tolerance" and kept.unkept is None
     assert kept.to_record()["kept_by"] == "tolerance"
+    from transferlab.finish import kept_warnings
+
+    assert "0.8750" in kept_warnings(kept)[0] and "within 5% of the head's" in kept_warnings(kept)[0]
+    assert "the head was kept" in kept_warnings(fit(0.75, 0.39))[0] and kept_warnings(None) == []
     for lost in (fit(0.75, 0.39), fit(0.875, 0.45)):  # less accurate, or clearly worse calibrated
         same = _within_tolerance(lost, start, 0.40, multilabel=False, world=World())
         assert same.model is head and not same.improved
