@@ -246,7 +246,7 @@ def budget_record(limit_s: float | None, total_s: float, ft: FinetuneResult | No
     ended ``patience`` epochs or more after its own best validation (early stopping's own test), and it was
     still improving when its last validation was its best (lowest loss or highest accuracy so far)."""
     still, improving = _trend(ft.validations, ft.epochs_run) if ft is not None else (0.0, False)
-    shortened = f"shortened to {ft.shortened_to} epochs to anneal before the limit" if ft and ft.shortened_to else ""
+    shortened = f"shortened to {ft.shortened_to:g} epochs to anneal before the limit" if ft and ft.shortened_to else ""
     rising = ("still improving when the time ran out (its last validation was its best): a longer --time-limit "
               "would likely pay")
     if ft is None:

@@ -49,7 +49,7 @@ def race_section(record: dict[str, Any], budget: dict[str, Any] | None = None) -
             rows.append([cand["name"], cand["description"], r.get("rung", "—"), r.get("slice_s"), r.get("seconds"),
                          r.get("epochs"), r.get("val_acc"), cand.get("status", "")])
     surv = record.get("survivor") or {}
-    shortened = (f", its schedule shortened to {surv['shortened_to']} epochs to anneal before the limit"
+    shortened = (f", its schedule shortened to {surv['shortened_to']:g} epochs to anneal before the limit"
                  if surv.get("shortened_to") else "")
     text = (f"<p>Winner: <b>{html.escape(str(record.get('winner')))}</b> ({html.escape(record.get('reason', ''))}). "
             f"Survivor: {html.escape(str(surv.get('why', '')))}; ran {surv.get('epochs_run', 0)} epoch(s) in "
