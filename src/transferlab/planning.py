@@ -16,8 +16,8 @@ from .data.scan import Dataset
 from .features.extract import default_workers
 from .training.cached import split_top, trains_cached
 from .training.finetune import backbone_stages, early_stages
-from .training.plan import CACHED_EPOCHS, Costs, Plan, candidate_sizes, make_plan, measure_costs, native_size, \
-    sample_paths, useful_size, whole_epochs_fit
+from .training.plan import CACHED_EPOCHS, Costs, Plan, candidate_sizes, epochs_fit, make_plan, measure_costs, \
+    native_size, sample_paths, useful_size
 
 __all__ = ["plan_run", "plan_finetune", "head_seconds"]
 
@@ -81,7 +81,7 @@ def _whole_or_top(plan: Plan, model: Classifier, info: BackboneInfo, cfg: Any, t
     whole = measure_costs(model, info.preprocessing, [size], sample_paths(train_paths, seed=cfg.seed),
                           batch_size=cfg.ft_batch_size, trainable=_trainable(model, info, cfg.frozen_stride),
                           mixed_precision=cfg.mixed_precision, workers=_workers(cfg), train=True)
-    fit = whole_epochs_fit(whole, size, budget_s=cfg.time_limit, elapsed_s=time.time() - started_at,
+    fit = epochs_fit(whole, size, budget_s=cfg.time_limit, elapsed_s=time.time() - started_at,
                            **{k: parts[k] for k in ("n_extract", "n_train", "n_val", "n_test", "head_s")})
     fits = fit >= CACHED_EPOCHS
     record = {"whole": fits, "epochs_fit": round(fit, 1), "wanted": CACHED_EPOCHS, "size": size,

@@ -230,16 +230,16 @@ def test_a_plan_for_cached_activations_counts_the_views_and_cheap_epochs():
 
 
 def test_the_whole_networks_epochs_that_fit_are_what_the_budget_holds_after_the_rest():
-    from transferlab.training.plan import BUDGET_FILL, estimate, whole_epochs_fit
+    from transferlab.training.plan import BUDGET_FILL, estimate, epochs_fit
 
     parts = dict(n_extract=0, n_train=1000, n_val=200, n_test=1000, head_s=5.0, elapsed_s=30.0)
     c = _costs()
-    fit = whole_epochs_fit(c, 224, budget_s=900.0, **parts)
+    fit = epochs_fit(c, 224, budget_s=900.0, **parts)
     # that many epochs fill the plan's share of the budget (to within its last validation pass)
     total, val_s = estimate(c, 224, fit, budget_s=900.0, **parts)["total"], 200 * c.eval_at(224)
     assert fit > 10 and abs(total - BUDGET_FILL * 900) <= val_s
-    assert whole_epochs_fit(c, 224, budget_s=300.0, **parts) < fit  # a shorter budget holds fewer
-    assert whole_epochs_fit(c, 224, budget_s=10.0, **parts) == 0.0  # nothing left after the rest
+    assert epochs_fit(c, 224, budget_s=300.0, **parts) < fit  # a shorter budget holds fewer
+    assert epochs_fit(c, 224, budget_s=10.0, **parts) == 0.0  # nothing left after the rest
 
 
 @pytest.mark.parametrize("budget_s, scale, whole", [(900.0, 0.1, True), (120.0, 1.0, False)])

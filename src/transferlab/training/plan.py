@@ -25,7 +25,7 @@ from ..data.transforms import EvalTransform, Preprocessing, TrainTransform
 from ..runtime import autocast, keep_freed_memory
 
 __all__ = ["Plan", "Costs", "native_size", "useful_size", "candidate_sizes", "target_epochs", "measure_costs",
-           "make_plan", "estimate", "whole_epochs_fit", "sample_paths", "MIN_SIZE"]
+           "make_plan", "estimate", "epochs_fit", "sample_paths", "MIN_SIZE"]
 
 #: Smallest input size planned: a stride-32 network still sees a 2x2 map at 64 px.
 MIN_SIZE = 64
@@ -291,10 +291,9 @@ def make_plan(*, native: int | None, default_size: int, n_extract: int, n_train:
                 return Plan(size, native, True, want, _val_every(n_train, n_val, costs, size, budget_s), budget_s,
                             cost(size, want), reasons)
         size = sizes[-1]  # none fits: the smallest size, and as much fine-tuning as fits
-        base = cost(size, 0.0)
-        per_epoch = base["finetune_epoch"]
-        spare = room - base["total"] - base.get("cache", 0.0)
-        epochs = math.floor(10 * spare / per_epoch) / 10 if per_epoch > 0 else 0.0
+        epochs = math.floor(10 * epochs_fit(costs, size, n_extract=n_extract, n_train=n_train, n_val=n_val,
+                                            n_test=n_test, head_s=head_s, elapsed_s=elapsed_s, budget_s=budget_s,
+                                            cached=cached)) / 10
         if epochs >= 0.5:
             reasons.append(f"input size {size}px and {epochs:g} of the {want:g} fine-tuning epochs wanted: "
                            "all that fits in the budget")
@@ -325,15 +324,16 @@ def estimate(costs: Costs, size: int, epochs: float, *, n_extract: int, n_train:
     return est
 
 
-def whole_epochs_fit(costs: Costs, size: int, *, n_extract: int, n_train: int, n_val: int, n_test: int,
-                     head_s: float, elapsed_s: float, budget_s: float) -> float:
-    """Epochs of the whole network's fine-tuning (``costs`` measured with it trainable) that fit in the share
-    of ``budget_s`` the plan fills, at input ``size``, after extraction, the head and the evaluation."""
-    parts = dict(n_extract=n_extract, n_train=n_train, n_val=n_val, n_test=n_test, head_s=head_s,
-                 elapsed_s=elapsed_s, budget_s=budget_s)
-    base = estimate(costs, size, 0.0, **parts)
+def epochs_fit(costs: Costs, size: int, *, n_extract: int, n_train: int, n_val: int, n_test: int,
+               head_s: float, elapsed_s: float, budget_s: float, cached: bool = False) -> float:
+    """Fine-tuning epochs (of the parameters ``costs`` was measured with trainable; ``cached``: on cached
+    activations, whose caching is paid first) that fit in the share of ``budget_s`` the plan fills, at input
+    ``size``, after extraction, the head and the evaluation."""
+    base = estimate(costs, size, 0.0, n_extract=n_extract, n_train=n_train, n_val=n_val, n_test=n_test,
+                    head_s=head_s, elapsed_s=elapsed_s, budget_s=budget_s, cached=cached)
     per_epoch = base["finetune_epoch"]
-    return max(0.0, BUDGET_FILL * budget_s - base["total"]) / per_epoch if per_epoch > 0 else 0.0
+    spare = BUDGET_FILL * budget_s - base["total"] - base.get("cache", 0.0)
+    return max(0.0, spare) / per_epoch if per_epoch > 0 else 0.0
 
 
 def _val_every(n_train: int, n_val: int, costs: Costs, size: int, budget_s: float | None) -> float:
